@@ -1,0 +1,191 @@
+"""The adapter checkpoint: a directory with
+
+    adapter_model.safetensors  global.{t}.lora_A/B, mid.{g}.{t}.lora_A/B, layer.{l}.{t}.lora_A/B, each once
+    msplora_config.json        the MSPLoRAConfig, explicit group ranges, and the base model's signature
+
+Written atomically: into a temporary sibling directory, fsynced, then renamed over the target, so a
+reader sees the old adapter or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from msplora_dist.config import MSPLoRAConfig
+from msplora_dist.errors import CheckpointError, ConfigError
+from msplora_dist.model import apply_msplora, get_hierarchy
+from msplora_dist.zero import full_shape, gathered
+
+FORMAT_VERSION = 1
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "msplora_config.json"
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The hierarchy's tensors under their checkpoint keys, full (gathered under ZeRO-3), on CPU."""
+    hierarchy = get_hierarchy(model)
+    params = dict(hierarchy.named_parameters())
+    with gathered(params.values()):
+        return {k: p.detach().to("cpu", copy=True).contiguous() for k, p in params.items()}
+
+
+def adapter_metadata(model: nn.Module) -> dict:
+    h = get_hierarchy(model)
+    meta = {"format_version": FORMAT_VERSION}
+    meta.update(h.config.to_dict())
+    meta["num_layers"] = h.num_layers
+    meta["signature"] = h.model_signature
+    return meta
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_dir_atomically(target: str | os.PathLike, write) -> Path:
+    """Call write(tmp_dir) on a fresh temporary sibling of `target`, then rename it to `target`.
+    An existing `target` is replaced only once the new one is complete."""
+    target = Path(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    except OSError as err:
+        raise ConfigError(f"cannot write to {str(target.parent)!r}: {err.strerror}; expected a writable directory") from None
+    try:
+        write(tmp)
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        old = None
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+        os.replace(tmp, target)
+        _fsync_dir(target.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write the adapter hierarchy of `model` to directory `path` (every rank may call it; under
+    torch.distributed only rank 0 writes, after all ranks have gathered)."""
+    state = adapter_state_dict(model)
+    meta = adapter_metadata(model)
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return Path(path)
+
+    def write(tmp: Path) -> None:
+        save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt", "msplora_format_version": str(FORMAT_VERSION)})
+        meta["weights_sha256"] = sha256_file(tmp / WEIGHTS_NAME)
+        (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+
+    return write_dir_atomically(path, write)
+
+
+def read_adapter_config(path: str | os.PathLike) -> tuple[MSPLoRAConfig, dict]:
+    """(config, full metadata) of the adapter directory `path`, with clear errors for a wrong path."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"adapter directory {str(path)!r} does not exist; expected a directory written by save_adapter")
+    config_file = path / CONFIG_NAME
+    if not config_file.is_file():
+        raise CheckpointError(
+            f"{str(config_file)!r} is missing; expected an MSPLoRA adapter directory with {CONFIG_NAME} and {WEIGHTS_NAME}"
+        )
+    try:
+        meta = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{str(config_file)!r} is not valid JSON ({err})") from None
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{str(config_file)!r} has format_version {version!r}; expected {FORMAT_VERSION}")
+    fields = ("ranks", "alphas", "num_mid_groups", "target_modules", "dropout", "use_rslora", "groups")
+    missing = [f for f in (*fields, "num_layers", "signature") if f not in meta]
+    if missing:
+        raise CheckpointError(f"{str(config_file)!r} lacks {missing}")
+    config = MSPLoRAConfig(**{f: meta[f] for f in fields})
+    return config, meta
+
+
+def _check_signature(model: nn.Module, meta: dict, path: Path) -> None:
+    h = get_hierarchy(model)
+    saved, ours = meta["signature"], h.model_signature
+    for key in ("model_type", "hidden_size", "num_layers"):
+        if saved.get(key) != ours.get(key):
+            raise CheckpointError(
+                f"adapter {str(path)!r} was trained on a model with {key}={saved.get(key)!r}; "
+                f"this model has {key}={ours.get(key)!r}"
+            )
+    for t, feats in saved["features"].items():
+        if list(ours["features"].get(t, [])) != list(feats):
+            raise CheckpointError(
+                f"adapter {str(path)!r}: target {t!r} has (in, out) features {feats}; this model has {ours['features'].get(t)}"
+            )
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load an adapter directory into `model`, applying MSPLoRA from the saved config first if the
+    model has none. The model must match the saved signature and, if it has adapters, their layout."""
+    path = Path(path)
+    config, meta = read_adapter_config(path)
+    existing = get_hierarchy(model, required=False)
+    if existing is None:
+        model = apply_msplora(model, config)
+    else:
+        mine, theirs = existing.config.to_dict(), config.to_dict()
+        for key in ("ranks", "target_modules", "groups", "alphas", "use_rslora"):
+            if mine[key] != theirs[key]:
+                raise CheckpointError(f"adapter {str(path)!r} has {key}={theirs[key]}; the model's adapters have {key}={mine[key]}")
+    _check_signature(model, meta, path)
+
+    weights_file = path / WEIGHTS_NAME
+    if not weights_file.is_file():
+        raise CheckpointError(f"{str(weights_file)!r} is missing; expected the adapter weights beside {CONFIG_NAME}")
+    expected_sha = meta.get("weights_sha256")
+    if expected_sha is not None and sha256_file(weights_file) != expected_sha:
+        raise CheckpointError(
+            f"{str(weights_file)!r} does not match the sha256 recorded in {CONFIG_NAME}; the file is corrupt or was replaced"
+        )
+    try:
+        state = load_file(weights_file)
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{str(weights_file)!r} is not a readable safetensors file ({err})") from None
+
+    params = dict(get_hierarchy(model).named_parameters())
+    missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+    if missing or unexpected:
+        raise CheckpointError(f"{str(weights_file)!r}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+    for key, param in params.items():
+        if tuple(state[key].shape) != tuple(full_shape(param)):
+            raise CheckpointError(f"{str(weights_file)!r}: {key} has shape {tuple(state[key].shape)}; expected {tuple(full_shape(param))}")
+    with gathered(params.values(), modifier_rank=0), torch.no_grad():
+        for key, param in params.items():
+            param.copy_(state[key].to(device=param.device, dtype=param.dtype))
+    return model

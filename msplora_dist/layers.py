@@ -1,0 +1,146 @@
+"""The two building blocks: LoRAPair owns one (A, B) pair; MSPLoRALinear adds the three levels' updates
+to a frozen base projection.
+
+A shared pair is owned by exactly one LoRAPair (registered under the model's MSPLoRAHierarchy);
+every MSPLoRALinear that uses it holds a plain Python reference, not a registered submodule, so
+parameters() and state_dict() list each tensor once and autograd sums its gradient over all users.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from msplora_dist.config import LEVELS
+
+
+class LoRAPair(nn.Module):
+    """lora_A (r, in_features) and lora_B (out_features, r), PEFT's convention."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, *, init_lora_weights: bool = True,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.empty(out_features, rank, dtype=dtype, device=device))
+        self.reset_parameters(init_lora_weights)
+
+    @torch.no_grad()
+    def reset_parameters(self, init_lora_weights: bool = True) -> None:
+        # Same init as PEFT's LoRA: the update B A starts at zero, so the model starts at the base.
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        if init_lora_weights:
+            nn.init.zeros_(self.lora_B)
+        else:
+            nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+def base_features(base: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a base projection, read from attributes, never from .weight.shape
+    (a ZeRO-3 partitioned weight has shape (0,) and a 4-bit weight is packed)."""
+    try:
+        return int(base.in_features), int(base.out_features)
+    except AttributeError:
+        raise TypeError(f"{type(base).__name__} has no in_features/out_features; expected nn.Linear or bnb Linear4bit") from None
+
+
+class MSPLoRALinear(nn.Module):
+    """h = base(x) + sum over levels of s_level * B_level A_level dropout_level(x).
+
+    `pairs` holds the (global, mid, layer) LoRAPairs of this projection, None for a level that is off.
+    They are references to pairs owned elsewhere (see module docstring).
+    """
+
+    def __init__(self, base_layer: nn.Module, pairs: tuple[LoRAPair | None, LoRAPair | None, LoRAPair | None],
+                 scales: tuple[float, float, float], dropout: tuple[float, float, float]):
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features, self.out_features = base_features(base_layer)
+        levels = [i for i, p in enumerate(pairs) if p is not None]
+        # object.__setattr__ keeps the pairs out of this module's registry (one owner per tensor).
+        object.__setattr__(self, "_pairs", tuple(pairs[i] for i in levels))
+        self.levels = tuple(levels)
+        self.scales = tuple(float(scales[i]) for i in levels)
+        self.dropout = tuple(float(dropout[i]) for i in levels)
+        self.merged = False
+        self.adapter_enabled = True
+        self._original_weight: torch.Tensor | None = None
+
+    @property
+    def pairs(self) -> tuple[LoRAPair, ...]:
+        """The active levels' pairs, in the order of self.levels."""
+        return self._pairs
+
+    def _scaled_B(self, dtype: torch.dtype) -> torch.Tensor:
+        # Scales are folded into B (out x r elements) rather than into the activations (tokens x r):
+        # cheaper for any batch of more than `out_features` tokens.
+        return torch.cat([p.lora_B.to(dtype) * s for p, s in zip(self._pairs, self.scales, strict=True)], dim=1)
+
+    def adapter_output(self, x: torch.Tensor) -> torch.Tensor:
+        """sum_l s_l B_l A_l d_l(x), computed in x's dtype as one concatenated-rank GEMM pair when
+        no dropout applies (eval, or p = 0 at every level)."""
+        dtype = x.dtype
+        if not self.training or not any(self.dropout):
+            A = torch.cat([p.lora_A.to(dtype) for p in self._pairs], dim=0)
+            hidden = F.linear(x, A)
+        else:
+            # Each level draws its own dropout mask, as three separate LoRA modules would.
+            hidden = torch.cat([F.linear(F.dropout(x, p=d, training=True) if d else x, pair.lora_A.to(dtype))
+                                for pair, d in zip(self._pairs, self.dropout, strict=True)], dim=-1)
+        return F.linear(hidden, self._scaled_B(dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        if self.merged or not self.adapter_enabled or not self._pairs:
+            return out
+        return out + self.adapter_output(x).to(out.dtype)
+
+    @torch.no_grad()
+    def delta_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The update sum_l s_l B_l A_l as an (out_features, in_features) matrix."""
+        A = torch.cat([p.lora_A.to(dtype) for p in self._pairs], dim=0)
+        return self._scaled_B(dtype) @ A
+
+    @torch.no_grad()
+    def merge(self, keep_original: bool = True) -> None:
+        """Fold the update into the base weight (fp32/bf16/fp16 nn.Linear). keep_original stores the
+        weight as it was (on CPU) so unmerge() restores it bit for bit; without it, unmerge subtracts."""
+        if self.merged:
+            return
+        weight = _dense_weight(self.base_layer)
+        self._original_weight = weight.detach().to("cpu", copy=True) if keep_original else None
+        weight.copy_((weight.float() + self.delta_weight(torch.float32).to(weight.device)).to(weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        weight = _dense_weight(self.base_layer)
+        if self._original_weight is not None:
+            weight.copy_(self._original_weight.to(weight.device))
+        else:
+            weight.copy_((weight.float() - self.delta_weight(torch.float32).to(weight.device)).to(weight.dtype))
+        self._original_weight = None
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        parts = ", ".join(f"{LEVELS[lv]}: r={p.rank} s={s:g} p={d:g}"
+                          for lv, p, s, d in zip(self.levels, self._pairs, self.scales, self.dropout, strict=True))
+        return f"in_features={self.in_features}, out_features={self.out_features}, {parts}"
+
+
+def _dense_weight(base: nn.Module) -> torch.Tensor:
+    weight = getattr(base, "weight", None)
+    if weight is None or not weight.is_floating_point() or type(base).__name__ in ("Linear4bit", "Linear8bitLt"):
+        raise TypeError(
+            f"cannot merge into a {type(base).__name__} base layer: in-place merge needs a floating-point "
+            "nn.Linear; export a merged model instead (the 4-bit base is dequantized there)"
+        )
+    return weight

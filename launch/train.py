@@ -1,0 +1,296 @@
+"""Fine-tune a LLaMA-family model with MSPLoRA on DeepSpeed.
+
+The embedded default (a tiny model and data shipped in msplora_dist/assets), on a CPU in about a minute:
+
+    deepspeed launch/train.py --ds_config ds_configs/zero3.json
+
+A real run (one node, 8 GPUs, 4-bit backbone, the paper's adapter setting):
+
+    deepspeed --num_gpus 8 launch/train.py --ds_config ds_configs/zero3.json \\
+        --model /models/Llama-2-7b-hf --data alpaca.jsonl --output_dir runs/llama2-msplora \\
+        --load_in_4bit true --gradient_checkpointing true --ranks 64,32,16 --alphas 16 \\
+        --num_mid_groups 3 --target_modules q_proj,v_proj --micro_batch_size 4 --grad_accum 4 --lr 2e-4
+
+Several nodes: DeepSpeed's own launcher with a hostfile (see README):
+
+    deepspeed --hostfile hostfile launch/train.py --ds_config ds_configs/zero3.json ...
+
+Resume the newest complete checkpoint: add `--resume latest`. Any flag can also come from a YAML
+file (`--config run.yaml`); flags override it. `python launch/train.py ...` runs one process.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import socket
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from msplora_dist import UserError, apply_msplora, param_report, save_adapter
+from msplora_dist.backbone import check_model_dir, load_backbone, load_tokenizer, projection_features
+from msplora_dist.checkpoint import write_file_atomically
+from msplora_dist.data import (
+    IGNORE_INDEX,
+    GlobalBatchSampler,
+    collate,
+    detect_format,
+    eval_batches,
+    load_rows,
+    pack_examples,
+    tokenize_dataset,
+)
+from msplora_dist.ds_config import read_ds_config, resolve_ds_config, zero_stage
+from msplora_dist.errors import ConfigError
+from msplora_dist.model import adapter_params, get_hierarchy
+from msplora_dist.train_config import TrainConfig, parse_config, save_config_yaml
+from msplora_dist.train_state import find_resume_dir, load_checkpoint, save_checkpoint
+from msplora_dist.zero import register_adapters_with_zero3
+
+
+def log(msg: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(msg, flush=True)
+
+
+def init_distributed(on_gpu: bool) -> tuple[int, int]:
+    import deepspeed
+
+    if "RANK" not in os.environ:  # plain `python launch/train.py`: a world of one
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+    if on_gpu:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def prepare_data(cfg: TrainConfig, tokenizer):
+    """Tokenized train and eval splits. Runs before the model is loaded, so bad data fails fast."""
+    rows = load_rows(cfg.data)
+    fmt = detect_format(rows, cfg.data)
+    if cfg.eval_data:
+        eval_rows = load_rows(cfg.eval_data)
+        eval_fmt = detect_format(eval_rows, cfg.eval_data)
+    elif cfg.eval_fraction > 0 and len(rows) >= 2:
+        split = rows.train_test_split(test_size=cfg.eval_fraction, seed=cfg.seed)
+        rows, eval_rows, eval_fmt = split["train"], split["test"], fmt
+    else:
+        eval_rows, eval_fmt = None, None
+    train = tokenize_dataset(rows, fmt, tokenizer, cfg.max_seq_len, cfg.train_on_prompt, cfg.data)
+    log(f"data: {train.num_rows} {fmt} rows from {cfg.data}; {train.num_truncated} truncated to {cfg.max_seq_len} tokens, "
+        f"{train.num_dropped} dropped (no response token left)")
+    evals = None
+    if eval_rows is not None:
+        evals = tokenize_dataset(eval_rows, eval_fmt, tokenizer, cfg.max_seq_len, cfg.train_on_prompt, cfg.eval_data or cfg.data)
+        log(f"eval: {len(evals.dataset)} rows ({evals.num_truncated} truncated)")
+    train_ds = pack_examples(train.dataset, cfg.max_seq_len, cfg.seed) if cfg.packing else train.dataset
+    return train_ds, (evals.dataset if evals else None)
+
+
+def lr_lambda(cfg: TrainConfig, total_steps: int):
+    warmup = int(cfg.warmup_ratio * total_steps)
+
+    def fn(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return fn
+
+
+def loss_sum(engine, batch: dict, device) -> torch.Tensor:
+    """Sum of the shifted token cross-entropies of one micro-batch, in fp32."""
+    batch = {k: v.to(device) for k, v in batch.items()}
+    labels = batch.pop("labels")
+    logits = engine(**batch).logits
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+@torch.no_grad()
+def evaluate(engine, eval_ds, cfg: TrainConfig, pad_id: int, device, rank: int, world: int) -> tuple[float, float]:
+    """Token-weighted eval loss and perplexity over the whole eval set, identical on every rank."""
+    engine.eval()
+    totals = torch.zeros(2, dtype=torch.float64, device=device)
+    for indices in eval_batches(len(eval_ds), cfg.micro_batch_size, rank, world):
+        # A rank whose share ran out still runs a forward (ZeRO-3 gathers are collective), on a
+        # stand-in example that it does not count.
+        examples = [eval_ds[i] for i in indices] if indices else [eval_ds[0]]
+        ce = loss_sum(engine, collate(examples, pad_id), device)
+        if indices:
+            totals[0] += ce.double()
+            totals[1] += sum(e["num_loss_tokens"] for e in examples)
+    dist.all_reduce(totals)
+    engine.train()
+    loss = (totals[0] / totals[1]).item()
+    return loss, math.exp(min(loss, 50.0))
+
+
+def peak_memory_gb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def adapter_digest(model) -> torch.Tensor:
+    """A per-rank fingerprint of the adapter values (float64 sums), to prove replicas agree."""
+    params = adapter_params(model)
+    return torch.stack([p.detach().double().sum() for p in params.values()] + [p.detach().double().abs().sum() for p in params.values()])
+
+
+def train(cfg: TrainConfig) -> dict:
+    import deepspeed
+    from tqdm import tqdm
+
+    on_gpu = torch.cuda.is_available()
+    dtype = cfg.resolved_dtype(on_gpu)
+    # Everything a user can get wrong is checked before the processes spend minutes loading.
+    raw_ds = read_ds_config(cfg.ds_config)
+    hf_config = check_model_dir(cfg.model)
+    adapter_cfg = cfg.adapter_config()
+    features = projection_features(hf_config)
+    unknown = [t for t in adapter_cfg.target_modules if t not in features]
+    if unknown:
+        raise ConfigError(f"target_modules {unknown} are not projections of a {hf_config['model_type']} model; "
+                          f"expected some of {list(features)}")
+    largest = max(max(adapter_cfg.ranks) * f for t in adapter_cfg.target_modules for f in features[t])
+    output_dir = Path(cfg.output_dir)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"--output_dir {str(output_dir)!r} is not writable ({err.strerror}); expected a writable directory") from None
+
+    rank, world = init_distributed(on_gpu)
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    ds_config = resolve_ds_config(raw_ds, cfg, world_size=world, dtype=dtype, largest_adapter_numel=largest)
+    tokenizer = load_tokenizer(cfg.model)
+    train_ds, eval_ds = prepare_data(cfg, tokenizer)
+    global_batch = cfg.micro_batch_size * cfg.grad_accum * world
+    sampler = GlobalBatchSampler(len(train_ds), global_batch, cfg.seed)
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, int(cfg.epochs * sampler.steps_per_epoch))
+
+    model = load_backbone(cfg.model, dtype=dtype, load_in_4bit=cfg.load_in_4bit, ds_config=ds_config,
+                          gradient_checkpointing=cfg.gradient_checkpointing, attn_implementation=cfg.attn_implementation)
+    torch.manual_seed(cfg.seed)  # the same adapter init on every rank
+    model = apply_msplora(model, adapter_cfg)
+    assert max(p.numel() for p in adapter_params(model).values()) <= largest
+    if zero_stage(ds_config) == 3:
+        register_adapters_with_zero3(model)
+    log(str(param_report(model)))
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=list(adapter_params(model).values()), config=ds_config,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total_steps)),
+    )
+
+    if rank == 0:
+        save_config_yaml(cfg, output_dir / "train_config.yaml")
+        (output_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
+    step, history = 0, []
+    if cfg.resume:
+        resume_dir = find_resume_dir(output_dir, cfg.resume, log=log)
+        state = load_checkpoint(engine, resume_dir, world)
+        step, history = state["step"], state["history"]
+        log(f"resumed from {resume_dir} at step {step}")
+
+    writer = None
+    if rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(output_dir / "tb"))
+    pad_id = tokenizer.pad_token_id
+    bar = tqdm(total=total_steps, initial=step, disable=rank != 0, dynamic_ncols=True, desc="train")
+    engine.train()
+    last_eval = None
+    while step < total_steps:
+        t0 = time.perf_counter()
+        indices = sampler.global_batch_indices(step)
+        # Every rank computes the global batch's loss-token count itself: the loss is the token mean
+        # over the whole global batch, whatever the split into ranks and micro-batches.
+        n_global = sum(train_ds[i]["num_loss_tokens"] for i in indices)
+        stats = torch.zeros(2, dtype=torch.float64, device=device)
+        for accum_step in range(cfg.grad_accum):
+            examples = [train_ds[i] for i in sampler.micro_batch_indices(step, accum_step, rank, world, cfg.micro_batch_size)]
+            ce = loss_sum(engine, collate(examples, pad_id), device)
+            n_tokens = sum(len(e["input_ids"]) for e in examples)
+            # DeepSpeed divides by grad_accum and averages over ranks; undo both so the gradient is
+            # d(sum of token losses / n_global).
+            engine.backward(ce * (world * cfg.grad_accum / n_global))
+            engine.step()
+            stats += torch.tensor([ce.item(), n_tokens], dtype=torch.float64, device=device)
+        dist.all_reduce(stats)
+        step += 1
+        loss = stats[0].item() / n_global
+        dt = time.perf_counter() - t0
+        lr = scheduler.get_last_lr()[0]
+        grad_norm = engine.get_global_grad_norm()
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": stats[1].item() / dt}
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+        if eval_ds is not None and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == total_steps):
+            record["eval_loss"], record["eval_ppl"] = evaluate(engine, eval_ds, cfg, pad_id, device, rank, world)
+            last_eval = record["eval_loss"]
+            bar.write(f"step {step}/{total_steps}  loss {loss:.4f}  eval_loss {record['eval_loss']:.4f}  "
+                      f"eval_ppl {record['eval_ppl']:.2f}") if rank == 0 else None
+        record["peak_mem_gb"] = peak_memory_gb(device)
+        history.append(record)
+        if writer is not None and (step % cfg.log_steps == 0 or "eval_loss" in record):
+            for key in ("loss", "lr", "grad_norm", "tokens_per_s", "peak_mem_gb", "eval_loss", "eval_ppl"):
+                if key in record:
+                    writer.add_scalar(f"train/{key}" if not key.startswith("eval") else f"eval/{key[5:]}", record[key], step)
+        if (cfg.save_steps and step % cfg.save_steps == 0) or step == total_steps:
+            state = {"step": step, "world_size": world, "history": history, "config": cfg.to_dict()}
+            path = save_checkpoint(engine, output_dir, step, state, cfg.keep_last)
+            log(f"checkpoint: {path}")
+    bar.close()
+
+    # The shared adapters must be bit-identical on every rank: check the fingerprints agree.
+    digest = adapter_digest(engine.module).to(device)
+    digests = [torch.zeros_like(digest) for _ in range(world)]
+    dist.all_gather(digests, digest)
+    replicas_identical = all(torch.equal(d, digests[0]) for d in digests)
+    if not replicas_identical:
+        raise RuntimeError("the adapter replicas differ across ranks after training; this is a bug, please report it")
+    save_adapter(engine.module, output_dir / "adapter")
+    summary = {"steps": step, "world_size": world, "global_batch": global_batch, "final_loss": history[-1]["loss"] if history else None,
+               "final_eval_loss": last_eval, "first_eval_loss": next((h["eval_loss"] for h in history if "eval_loss" in h), None),
+               "replicas_identical": replicas_identical, "zero_stage": zero_stage(ds_config), "dtype": dtype,
+               "load_in_4bit": cfg.load_in_4bit, "history": history}
+    if rank == 0:
+        write_file_atomically(output_dir / "summary.json", json.dumps(summary, indent=1))
+        writer.close()
+        log(f"adapter: {output_dir / 'adapter'}")
+    get_hierarchy(engine.module)  # fails loudly if the hierarchy went missing
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        train(parse_config(argv))
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

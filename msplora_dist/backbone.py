@@ -1,0 +1,116 @@
+"""Loading the frozen backbone and its tokenizer from a local Hugging Face directory.
+
+bf16/fp32 under ZeRO-3 load straight into partitions (HfDeepSpeedConfig makes from_pretrained run
+under deepspeed.zero.Init), so no rank ever holds the whole model. A 4-bit backbone is quantized by
+transformers while loading (NF4, double quantization) with its packed storage in the compute dtype, a
+floating-point tensor that ZeRO-3 can partition; each rank holds the 4-bit model briefly before
+deepspeed.initialize partitions it (transformers does not quantize under zero.Init).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from msplora_dist.errors import ConfigError
+
+LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def check_model_dir(path: str | Path) -> dict:
+    """The model's config.json, after checking the directory is a complete LLaMA-family checkpoint."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ConfigError(f"--model {str(path)!r} is not a directory; expected a local Hugging Face model directory")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ConfigError(f"--model {str(path)!r} has no config.json; expected a Hugging Face model directory (save_pretrained)")
+    try:
+        hf_config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{str(config_file)!r} is not valid JSON ({err})") from None
+    model_type = hf_config.get("model_type")
+    if model_type not in LLAMA_FAMILY:
+        raise ConfigError(f"--model {str(path)!r} is a {model_type!r} model; "
+                          f"expected a LLaMA-family model_type, one of {list(LLAMA_FAMILY)}")
+    weights = list(path.glob("*.safetensors")) + list(path.glob("pytorch_model*.bin"))
+    if not weights:
+        raise ConfigError(f"--model {str(path)!r} has no weights (*.safetensors or pytorch_model*.bin)")
+    for index in path.glob("*.index.json"):
+        shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
+        missing = sorted(s for s in shards if not (path / s).is_file())
+        if missing:
+            raise ConfigError(f"--model {str(path)!r} is missing weight shards {missing[:3]} listed in {index.name}")
+    return hf_config
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"--model {str(path)!r}: no usable tokenizer ({err})") from None
+    if tokenizer.eos_token_id is None:
+        raise ConfigError(f"the tokenizer of {str(path)!r} has no eos token; expected one, so the model learns to stop")
+    if tokenizer.pad_token_id is None:
+        # Padding is masked out of attention and loss, so any id works; eos is the usual choice.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def quantization_config(dtype: torch.dtype):
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except (ImportError, RuntimeError) as err:
+        raise ConfigError(f"--load_in_4bit needs a working bitsandbytes ({err}); expected `pip install bitsandbytes`") from None
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype)
+
+
+def load_backbone(path: str | Path, *, dtype: str, load_in_4bit: bool, ds_config: dict | None,
+                  gradient_checkpointing: bool, attn_implementation: str | None = None):
+    """The frozen model. ds_config with ZeRO stage 3 (and not 4-bit) loads it partitioned."""
+    from transformers import AutoModelForCausalLM
+
+    check_model_dir(path)
+    torch_dtype = DTYPES[dtype]
+    kwargs = {"dtype": torch_dtype}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    zero3 = ds_config is not None and int(ds_config.get("zero_optimization", {}).get("stage", 0)) == 3
+    hf_ds_config = None  # transformers holds it by weak reference: this name keeps it alive while loading
+    if load_in_4bit:
+        kwargs["quantization_config"] = quantization_config(torch_dtype)
+    elif zero3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        hf_ds_config = HfDeepSpeedConfig(ds_config)
+    model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    del hf_ds_config
+    model.config.use_cache = False
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if gradient_checkpointing:
+        # Non-reentrant: reentrant checkpointing fires a shared parameter's gradient hook once per
+        # segment, and ZeRO asserts (DeepSpeed issue 988).
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+
+def projection_features(hf_config: dict) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of each LLaMA-family projection, from config.json alone, so the
+    DeepSpeed config can be completed before the model is loaded."""
+    hidden = hf_config["hidden_size"]
+    heads = hf_config["num_attention_heads"]
+    kv_heads = hf_config.get("num_key_value_heads") or heads
+    head_dim = hf_config.get("head_dim") or hidden // heads
+    inter = hf_config["intermediate_size"]
+    return {"q_proj": (hidden, heads * head_dim), "k_proj": (hidden, kv_heads * head_dim),
+            "v_proj": (hidden, kv_heads * head_dim), "o_proj": (heads * head_dim, hidden),
+            "gate_proj": (hidden, inter), "up_proj": (hidden, inter), "down_proj": (inter, hidden)}

@@ -1,0 +1,258 @@
+"""Data: load rows with the datasets library, tokenize with loss masks, and sample global batches.
+
+Every tokenized example carries input_ids, labels (-100 where no loss is taken) and num_loss_tokens.
+The first token (bos) never carries a loss, so the shifted cross-entropy sees exactly num_loss_tokens
+targets; the trainer divides by the global batch's total, which every rank can compute on its own.
+
+Sampling (GlobalBatchSampler) depends only on (seed, epoch, global batch size): the global batch of
+step k holds the same examples whatever the split into ranks x micro-batches x accumulation steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import torch
+
+from msplora_dist.errors import DataError
+from msplora_dist.prompts import DEFAULT_CHAT_TEMPLATE, alpaca_prompt
+
+IGNORE_INDEX = -100
+FORMATS = {"alpaca": ("instruction", "output"), "chat": ("messages",), "text": ("text",)}
+
+
+# --- loading ------------------------------------------------------------------------------------------
+
+def _locate_json_error(path: Path) -> str:
+    """Find the first malformed line of a JSON Lines file (datasets' own error does not say)."""
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                return f"line {lineno}: {err.msg} (column {err.colno})"
+            if not isinstance(row, dict):
+                return f"line {lineno}: expected a JSON object per line, got {type(row).__name__}"
+    return "no malformed line found"
+
+
+def load_rows(path: str | os.PathLike) -> datasets.Dataset:
+    """A datasets.Dataset from a .json/.jsonl/.parquet file or a save_to_disk directory."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"data {str(path)!r} does not exist; expected a .json/.jsonl/.parquet file or a datasets folder")
+    try:
+        if path.is_dir():
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                if "train" not in ds:
+                    raise DataError(f"data {str(path)!r} holds splits {list(ds)}; expected a 'train' split or a single Dataset")
+                ds = ds["train"]
+            return ds
+        suffix = path.suffix.lower()
+        if suffix in (".json", ".jsonl"):
+            if suffix == ".json" and path.read_text(encoding="utf-8", errors="replace").lstrip().startswith("["):
+                try:
+                    rows = json.loads(path.read_text(encoding="utf-8"))
+                except json.JSONDecodeError as err:
+                    raise DataError(f"data {str(path)!r}: line {err.lineno}: {err.msg} (column {err.colno})") from None
+                if not all(isinstance(r, dict) for r in rows):
+                    raise DataError(f"data {str(path)!r}: expected a JSON array of objects")
+                return datasets.Dataset.from_list(rows)
+            return datasets.load_dataset("json", data_files=str(path), split="train")
+        if suffix == ".parquet":
+            return datasets.load_dataset("parquet", data_files=str(path), split="train")
+    except DataError:
+        raise
+    except Exception as err:  # datasets wraps parse errors in many types; re-raise with the line
+        if path.suffix.lower() in (".json", ".jsonl"):
+            raise DataError(f"data {str(path)!r}: {_locate_json_error(path)}") from None
+        raise DataError(f"data {str(path)!r} could not be read ({type(err).__name__}: {err})") from None
+    raise DataError(f"data {str(path)!r}: unknown file type {path.suffix!r}; expected .json, .jsonl, .parquet or a datasets folder")
+
+
+def detect_format(ds: datasets.Dataset, source: str) -> str:
+    columns = set(ds.column_names)
+    for name, needed in FORMATS.items():
+        if set(needed) <= columns:
+            return name
+    expected = "; ".join(f"{k}: {', '.join(v)}" for k, v in FORMATS.items())
+    raise DataError(f"data {source!r} has fields {sorted(columns)}; expected one of the row formats ({expected})")
+
+
+# --- tokenizing ---------------------------------------------------------------------------------------
+
+def ensure_chat_template(tokenizer) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+
+
+def _segments(row: dict, fmt: str, tokenizer, lineno: int) -> list[tuple[str, bool]]:
+    """The row as (text, takes_loss) segments, in order."""
+    if fmt == "alpaca":
+        instruction, output = row.get("instruction"), row.get("output")
+        if not isinstance(instruction, str) or not isinstance(output, str):
+            raise DataError(f"row {lineno}: 'instruction' and 'output' must be strings, got "
+                            f"{type(instruction).__name__} and {type(output).__name__}")
+        return [(alpaca_prompt(instruction, row.get("input") or ""), False), (output, True)]
+    if fmt == "text":
+        if not isinstance(row.get("text"), str):
+            raise DataError(f"row {lineno}: 'text' must be a string, got {type(row.get('text')).__name__}")
+        return [(row["text"], True)]
+    messages = row.get("messages")
+    if not isinstance(messages, list) or not messages or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages):
+        raise DataError(f"row {lineno}: 'messages' must be a non-empty list of {{role, content}} strings")
+    # Render growing prefixes: the text added by each assistant turn takes the loss. This works for any
+    # template that renders a conversation's prefix as a prefix of the whole.
+    segments, rendered = [], ""
+    for i, message in enumerate(messages):
+        if message["role"] == "assistant":
+            before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
+            through = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+            if not before.startswith(rendered) or not through.startswith(before):
+                raise DataError(f"row {lineno}: the tokenizer's chat template does not render conversations prefix by prefix")
+            segments += [(before[len(rendered):], False), (through[len(before):], True)]
+            rendered = through
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    if full[len(rendered):]:
+        segments.append((full[len(rendered):], False))
+    return [s for s in segments if s[0]]
+
+
+def tokenize_row(row: dict, fmt: str, tokenizer, max_seq_len: int, train_on_prompt: bool, lineno: int = 0) -> dict:
+    ids, labels = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else [], []
+    labels = [IGNORE_INDEX] * len(ids)
+    segments = _segments(row, fmt, tokenizer, lineno)
+    for k, (text, takes_loss) in enumerate(segments):
+        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+        # Alpaca and text rows end with eos so the model learns to stop; chat templates add their own.
+        if fmt != "chat" and k == len(segments) - 1:
+            piece = [*piece, tokenizer.eos_token_id]
+        ids += piece
+        labels += piece if (takes_loss or train_on_prompt) else [IGNORE_INDEX] * len(piece)
+    truncated = len(ids) > max_seq_len
+    ids, labels = ids[:max_seq_len], labels[:max_seq_len]
+    if ids and tokenizer.bos_token_id is not None:
+        labels[0] = IGNORE_INDEX
+    n_loss = sum(1 for t in labels[1:] if t != IGNORE_INDEX)
+    return {"input_ids": ids, "labels": labels, "num_loss_tokens": n_loss, "truncated": truncated}
+
+
+@dataclass
+class TokenizedSplit:
+    dataset: datasets.Dataset
+    num_rows: int
+    num_truncated: int
+    num_dropped: int
+
+
+def tokenize_dataset(ds: datasets.Dataset, fmt: str, tokenizer, max_seq_len: int, train_on_prompt: bool,
+                     source: str) -> TokenizedSplit:
+    if len(ds) == 0:
+        raise DataError(f"data {source!r} has no rows; expected at least one example")
+    if fmt == "chat":
+        ensure_chat_template(tokenizer)
+
+    def fn(row, idx):
+        return tokenize_row(row, fmt, tokenizer, max_seq_len, train_on_prompt, lineno=idx + 1)
+
+    try:
+        out = ds.map(fn, with_indices=True, remove_columns=ds.column_names, desc="tokenizing", load_from_cache_file=False)
+    except DataError as err:
+        raise DataError(f"data {source!r}: {err}") from None
+    num_truncated = int(sum(out["truncated"]))
+    kept = out.filter(lambda n: n > 0, input_columns="num_loss_tokens", load_from_cache_file=False)
+    if len(kept) == 0:
+        raise DataError(f"data {source!r}: none of its {len(ds)} rows has a response token within max_seq_len={max_seq_len}; "
+                        "expected shorter prompts or a larger max_seq_len")
+    return TokenizedSplit(kept.remove_columns("truncated"), len(ds), num_truncated, len(ds) - len(kept))
+
+
+def pack_examples(ds: datasets.Dataset, max_seq_len: int, seed: int) -> datasets.Dataset:
+    """Greedy packing of whole examples, in a seeded order, into rows of at most max_seq_len tokens.
+    position_ids restart at 0 for each example; transformers turns that into a block-diagonal mask."""
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed)).tolist()
+    rows, cur = [], {"input_ids": [], "labels": [], "position_ids": [], "num_loss_tokens": 0}
+    for i in order:
+        ex = ds[i]
+        if cur["input_ids"] and len(cur["input_ids"]) + len(ex["input_ids"]) > max_seq_len:
+            rows.append(cur)
+            cur = {"input_ids": [], "labels": [], "position_ids": [], "num_loss_tokens": 0}
+        cur["input_ids"] += ex["input_ids"]
+        cur["labels"] += ex["labels"]
+        cur["position_ids"] += list(range(len(ex["input_ids"])))
+        cur["num_loss_tokens"] += ex["num_loss_tokens"]
+    if cur["input_ids"]:
+        rows.append(cur)
+    return datasets.Dataset.from_list(rows)
+
+
+# --- batching -----------------------------------------------------------------------------------------
+
+def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example. Packed rows carry position_ids and no attention mask."""
+    width = max(len(e["input_ids"]) for e in examples)
+    n = len(examples)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
+    batch = {"input_ids": input_ids, "labels": labels}
+    packed = "position_ids" in examples[0]
+    if packed:
+        batch["position_ids"] = torch.zeros((n, width), dtype=torch.long)
+    else:
+        batch["attention_mask"] = torch.zeros((n, width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        k = len(e["input_ids"])
+        input_ids[i, :k] = torch.tensor(e["input_ids"])
+        labels[i, :k] = torch.tensor(e["labels"])
+        if packed:
+            # Padding continues the last example's positions, so it forms no new "document".
+            pos = e["position_ids"]
+            batch["position_ids"][i, :k] = torch.tensor(pos)
+            batch["position_ids"][i, k:] = torch.arange(pos[-1] + 1, pos[-1] + 1 + width - k)
+        else:
+            batch["attention_mask"][i, :k] = 1
+    return batch
+
+
+class GlobalBatchSampler:
+    """Indices of global batches: epoch e is a permutation seeded by (seed, e); step k of it takes the
+    k-th block of global_batch indices (an incomplete last block is dropped). Within a global batch,
+    micro-batch j (j = accum_step * world + rank) is the j-th block of micro_batch indices."""
+
+    def __init__(self, num_examples: int, global_batch: int, seed: int):
+        if num_examples < global_batch:
+            raise DataError(f"the training split has {num_examples} examples, fewer than one global batch of {global_batch}; "
+                            "expected more data or a smaller micro_batch_size x grad_accum x world size")
+        self.num_examples, self.global_batch, self.seed = num_examples, global_batch, seed
+        self.steps_per_epoch = num_examples // global_batch
+        self._epoch, self._perm = None, None
+
+    def global_batch_indices(self, step: int) -> list[int]:
+        """The examples of optimizer step `step` (0-based, counted over all epochs)."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            self._perm = torch.randperm(self.num_examples, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
+            self._epoch = epoch
+        return self._perm[k * self.global_batch:(k + 1) * self.global_batch].tolist()
+
+    def micro_batch_indices(self, step: int, accum_step: int, rank: int, world: int, micro_batch: int) -> list[int]:
+        j = accum_step * world + rank
+        return self.global_batch_indices(step)[j * micro_batch:(j + 1) * micro_batch]
+
+
+def eval_batches(num_examples: int, micro_batch: int, rank: int, world: int) -> list[list[int]]:
+    """Rank `rank`'s share of the eval set, in micro-batches. Every rank gets the same number of
+    batches (ZeRO-3 gathers are collective); a rank with nothing left gets empty batches, which the
+    trainer runs on a dummy example with zero weight."""
+    mine = list(range(rank, num_examples, world))
+    per_rank = -(-num_examples // world)
+    n_batches = -(-per_rank // micro_batch)
+    return [mine[b * micro_batch:(b + 1) * micro_batch] for b in range(n_batches)]

@@ -1,0 +1,110 @@
+"""The DeepSpeed config: read the JSON, fill every "auto" from the TrainConfig (here and nowhere else),
+and refuse values that contradict it.
+
+Under ZeRO-3 the shared adapters must stay replicated on every rank (see ../shared/MSPLORA.md and
+zero.py): that is DeepSpeed's persistence, so stage3_param_persistence_threshold must be at least the
+largest adapter tensor. "auto" sets exactly that; any smaller explicit value is an error.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+from msplora_dist.errors import ConfigError
+from msplora_dist.train_config import TrainConfig
+
+AUTO = "auto"
+
+
+def read_ds_config(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--ds_config {str(path)!r}: no such file; expected a DeepSpeed JSON config such as ds_configs/zero3.json")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"--ds_config {str(path)!r} is not valid JSON: line {err.lineno}: {err.msg}") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"--ds_config {str(path)!r}: expected a JSON object")
+    return config
+
+
+def _fill(section: dict, key: str, value, what: str, *, compare=None) -> None:
+    """Set section[key] to value when missing or "auto"; else it must agree with value."""
+    current = section.get(key, AUTO)
+    if current == AUTO:
+        section[key] = value
+        return
+    same = compare(current, value) if compare else current == value
+    if not same:
+        raise ConfigError(f"ds_config {what}={current!r} contradicts the training config, which gives {value!r}; "
+                          "set it to \"auto\" or make the two agree")
+
+
+def resolve_ds_config(raw: dict, cfg: TrainConfig, *, world_size: int, dtype: str, largest_adapter_numel: int) -> dict:
+    """A complete DeepSpeed config for this run. dtype is the resolved 'bf16' or 'fp32'."""
+    ds = copy.deepcopy(raw)
+    _fill(ds, "train_micro_batch_size_per_gpu", cfg.micro_batch_size, "train_micro_batch_size_per_gpu")
+    _fill(ds, "gradient_accumulation_steps", cfg.grad_accum, "gradient_accumulation_steps")
+    global_batch = cfg.micro_batch_size * cfg.grad_accum * world_size
+    if ds.get("train_batch_size", AUTO) not in (AUTO, global_batch):
+        raise ConfigError(
+            f"ds_config train_batch_size={ds['train_batch_size']} but micro_batch_size x grad_accum x world size = "
+            f"{cfg.micro_batch_size} x {cfg.grad_accum} x {world_size} = {global_batch}; set it to \"auto\" or make them agree"
+        )
+    ds["train_batch_size"] = global_batch
+    _fill(ds, "gradient_clipping", cfg.max_grad_norm, "gradient_clipping", compare=lambda a, b: float(a) == float(b))
+
+    if ds.get("fp16", {}).get("enabled") not in (None, False, AUTO):
+        raise ConfigError("ds_config fp16.enabled=true: fp16 training is not supported; expected bf16 or fp32 (--dtype)")
+    ds.setdefault("fp16", {})["enabled"] = False
+    bf16 = ds.setdefault("bf16", {})
+    _fill(bf16, "enabled", dtype == "bf16", "bf16.enabled")
+
+    optimizer = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    if str(optimizer.get("type", "")).lower() not in ("adamw", "adam"):
+        raise ConfigError(f"ds_config optimizer.type={optimizer.get('type')!r}: expected AdamW")
+    params = optimizer.setdefault("params", {})
+    _fill(params, "lr", cfg.lr, "optimizer.params.lr", compare=lambda a, b: float(a) == float(b))
+    _fill(params, "weight_decay", cfg.weight_decay, "optimizer.params.weight_decay", compare=lambda a, b: float(a) == float(b))
+    if "scheduler" in ds:
+        raise ConfigError("ds_config has a 'scheduler' section; the trainer builds warmup + cosine from the training config "
+                          "(--lr, warmup_ratio, min_lr_ratio): remove it")
+
+    zero = ds.setdefault("zero_optimization", {"stage": 0})
+    stage = zero.get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"ds_config zero_optimization.stage={stage!r}: expected 0, 1, 2 or 3")
+    if stage == 3:
+        threshold = zero.get("stage3_param_persistence_threshold", AUTO)
+        if threshold == AUTO:
+            zero["stage3_param_persistence_threshold"] = largest_adapter_numel
+        elif int(threshold) < largest_adapter_numel:
+            raise ConfigError(
+                f"ds_config zero_optimization.stage3_param_persistence_threshold={threshold} would partition the shared "
+                f"adapters (the largest has {largest_adapter_numel} elements), which must stay replicated on every rank; "
+                f"set it to \"auto\" or at least {largest_adapter_numel}"
+            )
+        for key in ("stage3_prefetch_bucket_size", "reduce_bucket_size", "stage3_max_live_parameters", "stage3_max_reuse_distance"):
+            if zero.get(key) == AUTO:
+                del zero[key]  # DeepSpeed's own defaults
+    ds.setdefault("steps_per_print", 10**9)  # the trainer logs; DeepSpeed's own prints would duplicate it
+    ds.setdefault("wall_clock_breakdown", False)
+    leftover = _find_auto(ds)
+    if leftover:
+        raise ConfigError(f"ds_config has \"auto\" at {leftover}, which the trainer does not fill; set a value there")
+    return ds
+
+
+def _find_auto(node, path="") -> list[str]:
+    if node == AUTO:
+        return [path or "."]
+    if isinstance(node, dict):
+        return [p for k, v in node.items() for p in _find_auto(v, f"{path}.{k}" if path else k)]
+    return []
+
+
+def zero_stage(ds: dict) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))

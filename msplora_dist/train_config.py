@@ -1,0 +1,246 @@
+"""TrainConfig: every knob of launch/train.py, typed, documented and validated in one place.
+
+Values come from the dataclass defaults (the embedded default run: the tiny model and data shipped in
+msplora_dist/assets), then an optional YAML file (--config), then command-line flags, in that order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from msplora_dist.config import ALL_LINEAR_TARGETS, MSPLoRAConfig
+from msplora_dist.errors import ConfigError
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class TrainConfig:
+    # --- what to train on -------------------------------------------------------------------------
+    model: str = str(ASSETS / "tiny_llama")
+    """A local Hugging Face model directory of a LLaMA-family model (llama, mistral, qwen2)."""
+    data: str = str(ASSETS / "data" / "instructions.jsonl")
+    """Training data: a .json/.jsonl/.parquet file or a datasets save_to_disk folder. Rows are alpaca
+    (instruction, input, output), chat (messages: [{role, content}]) or plain text (text)."""
+    eval_data: str | None = None
+    """Held-out data in the same formats; when unset, eval_fraction of `data` is held out."""
+    eval_fraction: float = 0.1
+    """Share of `data` held out for evaluation when eval_data is unset (0 turns evaluation off)."""
+    output_dir: str = "runs/default"
+    """Where the final adapter ({output_dir}/adapter), checkpoints, TensorBoard logs and the resolved
+    configs go."""
+    ds_config: str = str(REPO_ROOT / "ds_configs" / "zero3.json")
+    """DeepSpeed JSON config; its "auto" values are filled from this config (see ds_config.py)."""
+
+    # --- schedule -----------------------------------------------------------------------------------
+    max_steps: int = -1
+    """Optimizer steps to run; -1 derives it from `epochs`."""
+    epochs: float = 4.0
+    """Passes over the training data when max_steps is -1."""
+    micro_batch_size: int = 8
+    """Examples per rank per forward pass."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step. Global batch = micro x accum x world size."""
+    lr: float = 3e-3
+    """Peak learning rate of the adapters."""
+    warmup_ratio: float = 0.05
+    """Share of max_steps spent warming the learning rate up linearly from 0."""
+    min_lr_ratio: float = 0.1
+    """The cosine schedule decays to lr * min_lr_ratio at max_steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay of the adapters."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping on the global norm (0 turns it off)."""
+    seed: int = 0
+    """Seeds adapter init, data order and dropout."""
+
+    # --- backbone -----------------------------------------------------------------------------------
+    dtype: str = "auto"
+    """bf16 or fp32 for activations and the frozen backbone; auto = bf16 on a GPU, fp32 on a CPU."""
+    load_in_4bit: bool = False
+    """Quantize the frozen backbone to 4-bit NF4 (double quantization) with bitsandbytes, QLoRA-style."""
+    gradient_checkpointing: bool = False
+    """Recompute decoder-layer activations in backward (non-reentrant) to save memory."""
+    attn_implementation: str | None = None
+    """Passed to from_pretrained (sdpa, flash_attention_2, eager); unset lets transformers choose."""
+
+    # --- adapters -----------------------------------------------------------------------------------
+    ranks: tuple[int, int, int] = (8, 4, 2)
+    """Ranks of the (global, mid, layer) adapters; 0 switches a level off."""
+    alphas: tuple[float, float, float] = (16.0, 16.0, 16.0)
+    """LoRA alpha of each level."""
+    num_mid_groups: int = 2
+    """Number of contiguous mid-level layer groups."""
+    target_modules: tuple[str, ...] = ALL_LINEAR_TARGETS
+    """Projections to adapt in every decoder layer."""
+    dropout: tuple[float, float, float] = (0.05, 0.05, 0.05)
+    """Adapter dropout per level (one value sets all three)."""
+    use_rslora: bool = False
+    """Scale alpha / sqrt(r) instead of alpha / r."""
+
+    # --- data ---------------------------------------------------------------------------------------
+    max_seq_len: int = 256
+    """Longer examples are truncated (and counted); with packing, the length of each packed row."""
+    train_on_prompt: bool = False
+    """Also compute the loss on prompt tokens (default: response tokens only)."""
+    packing: bool = False
+    """Pack several examples into each row of max_seq_len tokens (attention stays within an example)."""
+
+    # --- checkpoints, evaluation and logging ---------------------------------------------------------
+    save_steps: int = 0
+    """Write a checkpoint every save_steps optimizer steps (0: only at the end)."""
+    keep_last: int = 2
+    """Checkpoints kept in {output_dir}/checkpoints; older ones are deleted."""
+    eval_steps: int = 20
+    """Evaluate every eval_steps optimizer steps (and at the end); 0: only at the end."""
+    log_steps: int = 1
+    """Write TensorBoard scalars every log_steps optimizer steps."""
+    resume: str | None = None
+    """'latest' (the newest valid checkpoint in {output_dir}/checkpoints) or a checkpoint directory."""
+    config: str | None = field(default=None, metadata={"cli_only": True})
+    """Optional YAML file of any of these fields; command-line flags override it."""
+
+    def __post_init__(self):
+        for name in ("micro_batch_size", "grad_accum", "keep_last"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)}: expected an integer >= 1")
+        for name in ("save_steps", "eval_steps", "log_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}={getattr(self, name)}: expected an integer >= 0")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ConfigError(f"max_steps={self.max_steps}: expected a positive number of steps, or -1 to use epochs")
+        if self.max_steps == -1 and not (self.epochs > 0 and math.isfinite(self.epochs)):
+            raise ConfigError(f"epochs={self.epochs}: expected > 0 when max_steps is -1")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"lr={self.lr}: expected a positive learning rate")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"warmup_ratio={self.warmup_ratio}: expected 0 <= warmup_ratio < 1")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"min_lr_ratio={self.min_lr_ratio}: expected 0 <= min_lr_ratio <= 1")
+        if not 0 <= self.eval_fraction < 1:
+            raise ConfigError(f"eval_fraction={self.eval_fraction}: expected 0 <= eval_fraction < 1")
+        if self.max_grad_norm < 0:
+            raise ConfigError(f"max_grad_norm={self.max_grad_norm}: expected >= 0 (0 turns clipping off)")
+        if self.dtype not in ("auto", "bf16", "fp32"):
+            raise ConfigError(f"dtype={self.dtype!r}: expected one of auto, bf16, fp32")
+        if self.max_seq_len < 8:
+            raise ConfigError(f"max_seq_len={self.max_seq_len}: expected at least 8 tokens")
+        self.adapter_config()  # validates ranks, alphas, dropout, targets, groups
+
+    def adapter_config(self) -> MSPLoRAConfig:
+        return MSPLoRAConfig(ranks=self.ranks, alphas=self.alphas, num_mid_groups=self.num_mid_groups,
+                             target_modules=self.target_modules, dropout=self.dropout, use_rslora=self.use_rslora)
+
+    def resolved_dtype(self, on_gpu: bool) -> str:
+        return ("bf16" if on_gpu else "fp32") if self.dtype == "auto" else self.dtype
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+# --- command line and YAML ----------------------------------------------------------------------------
+
+def _field_docs() -> dict[str, str]:
+    """The docstring under each field, for --help (parsed from the source: one place to document)."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(TrainConfig))
+    docs, body = {}, tree.body[0].body
+    for node, nxt in itertools.pairwise(body):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+def _convert(name: str, value, hint):
+    """Turn a YAML or command-line value into the field's type, with an error naming the field."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if value is None:
+        return None
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        inner = [a for a in args if a is not type(None)]
+        if isinstance(value, str) and value.lower() in ("none", "null", ""):
+            return None
+        return _convert(name, value, inner[0])
+    if origin is tuple:
+        items = value.split(",") if isinstance(value, str) else list(value) if isinstance(value, list | tuple) else [value]
+        items = [i.strip() if isinstance(i, str) else i for i in items]
+        items = [i for i in items if i != ""]
+        elem = args[0]
+        if args[-1] is not Ellipsis and len(items) == 1:
+            items = items * len(args)  # one value for every level
+        return tuple(_convert(name, i, elem) for i in items)
+    try:
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(value).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if hint is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if hint is float:
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}={value!r}: expected {getattr(hint, '__name__', hint)}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Fine-tune a LLaMA-family model with MSPLoRA on DeepSpeed. With no arguments, trains the "
+        "embedded tiny model on the shipped data.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    docs = _field_docs()
+    for f in dataclasses.fields(TrainConfig):
+        default = f.default if f.default is not dataclasses.MISSING else None
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        parser.add_argument(f"--{f.name}", default=argparse.SUPPRESS, metavar=f.name.upper(),
+                            help=f"{docs.get(f.name, '')} (default: {shown})")
+    # DeepSpeed's launcher appends --local_rank; the rank is read from the environment instead.
+    parser.add_argument("--local_rank", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    return parser
+
+
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
+    args = vars(build_parser().parse_args(argv))
+    args.pop("local_rank", None)
+    hints = typing.get_type_hints(TrainConfig)
+    values: dict = {}
+    if args.get("config"):
+        path = Path(args["config"])
+        if not path.is_file():
+            raise ConfigError(f"--config {str(path)!r}: no such file; expected a YAML file of TrainConfig fields")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--config {str(path)!r} is not valid YAML ({err})") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"--config {str(path)!r}: expected a mapping of field: value, got {type(loaded).__name__}")
+        unknown = sorted(set(loaded) - set(hints) - {"config"})
+        if unknown:
+            raise ConfigError(f"--config {str(path)!r}: unknown fields {unknown}; expected fields of TrainConfig (see --help)")
+        values.update(loaded)
+    values.update(args)
+    converted = {k: _convert(k, v, hints[k]) for k, v in values.items()}
+    return TrainConfig(**converted)
+
+
+def save_config_yaml(cfg: TrainConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

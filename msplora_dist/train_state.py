@@ -1,0 +1,163 @@
+"""Training checkpoints: {output_dir}/checkpoints/step-{N:08d}/ holds
+
+    adapter/            the adapter hierarchy (save_adapter format: each shared tensor once)
+    ds/                 DeepSpeed's optimizer and scheduler state (engine.save_checkpoint, adapters only,
+                        exclude_frozen_parameters: the frozen backbone is never written)
+    rng-rank{r}.pt      every rank's RNG states, for exact dropout on resume
+    trainer_state.json  step, data position, losses so far, the run's config
+    manifest.json       size and sha256 of every file above; written last
+
+All ranks write into a temporary sibling (.tmp-step-{N}), rank 0 writes the manifest and renames it.
+A directory without a matching manifest is never taken for a checkpoint, so a kill at any moment
+leaves the previous checkpoint as the latest valid one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from msplora_dist.checkpoint import sha256_file, write_file_atomically
+from msplora_dist.errors import CheckpointError
+
+STEP_DIR = re.compile(r"^step-(\d{8})$")
+MANIFEST = "manifest.json"
+
+
+def checkpoint_root(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    try:
+        import numpy as np
+
+        state["numpy"] = np.random.get_state()
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "numpy" in state:
+        import numpy as np
+
+        np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _write_manifest(directory: Path) -> None:
+    files = {}
+    for f in sorted(p for p in directory.rglob("*") if p.is_file()):
+        rel = f.relative_to(directory).as_posix()
+        files[rel] = {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
+    write_file_atomically(directory / MANIFEST, json.dumps({"files": files}, indent=1))
+
+
+def verify_checkpoint(directory: Path) -> str | None:
+    """None if `directory` is a complete checkpoint, else what is wrong with it."""
+    manifest = directory / MANIFEST
+    if not manifest.is_file():
+        return "no manifest.json (the write did not finish)"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (json.JSONDecodeError, KeyError) as err:
+        return f"unreadable manifest.json ({err})"
+    for rel, info in files.items():
+        f = directory / rel
+        if not f.is_file():
+            return f"{rel} is missing"
+        if f.stat().st_size != info["bytes"] or sha256_file(f) != info["sha256"]:
+            return f"{rel} does not match its checksum"
+    return None
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    root = checkpoint_root(output_dir)
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name)), key=lambda p: p.name)
+
+
+def find_resume_dir(output_dir: str | Path, resume: str, log=print) -> Path:
+    """'latest' -> the newest valid checkpoint; else the given directory, which must be valid."""
+    if resume != "latest":
+        path = Path(resume)
+        problem = verify_checkpoint(path) if path.is_dir() else "no such directory"
+        if problem:
+            raise CheckpointError(f"--resume {str(path)!r}: {problem}; expected a checkpoint directory written by the trainer")
+        return path
+    for path in reversed(list_checkpoints(output_dir)):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return path
+        log(f"skipping checkpoint {path}: {problem}")
+    raise CheckpointError(f"--resume latest: no valid checkpoint in {str(checkpoint_root(output_dir))!r}")
+
+
+def _is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save_checkpoint(engine, output_dir: str | Path, step: int, trainer_state: dict, keep_last: int) -> Path:
+    """Collective: every rank calls it. Returns the final directory."""
+    from msplora_dist.checkpoint import save_adapter
+
+    root = checkpoint_root(output_dir)
+    final = root / f"step-{step:08d}"
+    tmp = root / f".tmp-step-{step:08d}"
+    if _is_rank0():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    save_adapter(engine.module, tmp / "adapter")
+    engine.save_checkpoint(str(tmp / "ds"), tag="state", exclude_frozen_parameters=True, save_latest=False)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
+    _barrier()
+    if _is_rank0():
+        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+        _write_manifest(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(output_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def load_checkpoint(engine, directory: Path, world_size: int) -> dict:
+    """Restore adapters, optimizer, scheduler and this rank's RNG; returns trainer_state."""
+    from msplora_dist.checkpoint import load_adapter
+
+    state = json.loads((directory / "trainer_state.json").read_text())
+    if state.get("world_size") != world_size:
+        raise CheckpointError(
+            f"--resume {str(directory)!r} was written by {state.get('world_size')} ranks; this run has {world_size}. "
+            "Resume with the same number of ranks (the optimizer state is partitioned per rank)"
+        )
+    load_adapter(engine.module, directory / "adapter")
+    engine.load_checkpoint(str(directory / "ds"), tag="state", load_module_strict=False,
+                           load_optimizer_states=True, load_lr_scheduler_states=True)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    set_rng_state(torch.load(directory / f"rng-rank{rank}.pt", weights_only=False))
+    return state

@@ -54,11 +54,12 @@ from msplora_dist.errors import ConfigError
 from msplora_dist.model import adapter_params, get_hierarchy
 from msplora_dist.train_config import TrainConfig, parse_config, save_config_yaml
 from msplora_dist.train_state import find_resume_dir, load_checkpoint, save_checkpoint
-from msplora_dist.zero import register_adapters_with_zero3
+from msplora_dist.zero import full_numel, local_numel, register_adapters_with_zero3
 
 
 def log(msg: str) -> None:
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    """Print on rank 0 only (RANK is set by the launcher before torch.distributed starts)."""
+    if int(os.environ.get("RANK", "0")) == 0:
         print(msg, flush=True)
 
 
@@ -115,7 +116,7 @@ def loss_sum(engine, batch: dict, device) -> torch.Tensor:
     """Sum of the shifted token cross-entropies of one micro-batch, in fp32."""
     batch = {k: v.to(device) for k, v in batch.items()}
     labels = batch.pop("labels")
-    logits = engine(**batch).logits
+    logits = engine(**batch, use_cache=False).logits  # with a cache, transformers ignores packed position_ids
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                            ignore_index=IGNORE_INDEX, reduction="sum")
 
@@ -151,6 +152,15 @@ def adapter_digest(model) -> torch.Tensor:
     return torch.stack([p.detach().double().sum() for p in params.values()] + [p.detach().double().abs().sum() for p in params.values()])
 
 
+def backbone_partition(model, world: int, device) -> dict:
+    """How much of the frozen backbone each rank holds: under ZeRO-3 about 1/world of the full size."""
+    full = sum(full_numel(p) for p in model.parameters() if not p.requires_grad)
+    local = torch.tensor([sum(local_numel(p) for p in model.parameters() if not p.requires_grad)], device=device)
+    per_rank = [torch.zeros_like(local) for _ in range(world)]
+    dist.all_gather(per_rank, local)
+    return {"full_numel": full, "local_numel_per_rank": [int(t.item()) for t in per_rank]}
+
+
 def train(cfg: TrainConfig) -> dict:
     import deepspeed
     from tqdm import tqdm
@@ -176,14 +186,17 @@ def train(cfg: TrainConfig) -> dict:
     except OSError as err:
         raise ConfigError(f"--output_dir {str(output_dir)!r} is not writable ({err.strerror}); expected a writable directory") from None
 
-    rank, world = init_distributed(on_gpu)
-    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     ds_config = resolve_ds_config(raw_ds, cfg, world_size=world, dtype=dtype, largest_adapter_numel=largest)
     tokenizer = load_tokenizer(cfg.model)
     train_ds, eval_ds = prepare_data(cfg, tokenizer)
     global_batch = cfg.micro_batch_size * cfg.grad_accum * world
     sampler = GlobalBatchSampler(len(train_ds), global_batch, cfg.seed)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, int(cfg.epochs * sampler.steps_per_epoch))
+    resume_dir = find_resume_dir(output_dir, cfg.resume, log=log) if cfg.resume else None
+
+    rank, world = init_distributed(on_gpu)
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
 
     model = load_backbone(cfg.model, dtype=dtype, load_in_4bit=cfg.load_in_4bit, ds_config=ds_config,
                           gradient_checkpointing=cfg.gradient_checkpointing, attn_implementation=cfg.attn_implementation)
@@ -202,8 +215,7 @@ def train(cfg: TrainConfig) -> dict:
         save_config_yaml(cfg, output_dir / "train_config.yaml")
         (output_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
     step, history = 0, []
-    if cfg.resume:
-        resume_dir = find_resume_dir(output_dir, cfg.resume, log=log)
+    if resume_dir is not None:
         state = load_checkpoint(engine, resume_dir, world)
         step, history = state["step"], state["history"]
         log(f"resumed from {resume_dir} at step {step}")
@@ -268,7 +280,8 @@ def train(cfg: TrainConfig) -> dict:
     if not replicas_identical:
         raise RuntimeError("the adapter replicas differ across ranks after training; this is a bug, please report it")
     save_adapter(engine.module, output_dir / "adapter")
-    summary = {"steps": step, "world_size": world, "global_batch": global_batch, "final_loss": history[-1]["loss"] if history else None,
+    summary = {"backbone_partition": backbone_partition(engine.module, world, device), "steps": step, "world_size": world,
+               "global_batch": global_batch, "final_loss": history[-1]["loss"] if history else None,
                "final_eval_loss": last_eval, "first_eval_loss": next((h["eval_loss"] for h in history if "eval_loss" in h), None),
                "replicas_identical": replicas_identical, "zero_stage": zero_stage(ds_config), "dtype": dtype,
                "load_in_4bit": cfg.load_in_4bit, "history": history}

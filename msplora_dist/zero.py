@@ -39,3 +39,25 @@ def gathered(params: Iterable[torch.Tensor], *, modifier_rank: int | None = None
 
     with deepspeed.zero.GatheredParameters(zero_params, modifier_rank=modifier_rank):
         yield
+
+
+def register_adapters_with_zero3(model: torch.nn.Module) -> None:
+    """Tell ZeRO-3 that each MSPLoRALinear reads adapter tensors it does not own (the shared pairs
+    live in the hierarchy), so they are gathered before that module's forward. With persistence on
+    (ds_config.py sees to it) they are gathered once and then stay replicated."""
+    import deepspeed
+
+    from msplora_dist.model import msplora_linears
+
+    for module in msplora_linears(model):
+        for pair in module.pairs:
+            deepspeed.zero.register_external_parameter(module, pair.lora_A)
+            deepspeed.zero.register_external_parameter(module, pair.lora_B)
+
+
+def local_numel(param: torch.Tensor) -> int:
+    """Elements this rank holds in memory now: under ZeRO-3 its shard (ds_tensor) plus whatever is
+    gathered at the moment (nothing for a released parameter, everything for a persistent one)."""
+    if is_zero3_param(param):
+        return param.ds_tensor.numel() + param.data.numel()
+    return param.numel()

@@ -1,0 +1,103 @@
+"""TrainConfig (YAML + flags) and the DeepSpeed config resolution: auto values filled in one place,
+contradictions refused with the values named."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from msplora_dist.ds_config import read_ds_config, resolve_ds_config
+from msplora_dist.errors import ConfigError
+from msplora_dist.train_config import REPO_ROOT, TrainConfig, build_parser, parse_config
+
+
+def test_flags_override_yaml_which_overrides_defaults(tmp_path):
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("lr: 0.001\nranks: [16, 8, 4]\nmicro_batch_size: 2\ntarget_modules: [q_proj, v_proj]\n")
+    cfg = parse_config(["--config", str(yaml_file), "--micro_batch_size", "3", "--dropout", "0", "--load_in_4bit", "true"])
+    assert cfg.lr == 0.001 and cfg.ranks == (16, 8, 4) and cfg.micro_batch_size == 3
+    assert cfg.target_modules == ("q_proj", "v_proj") and cfg.dropout == (0.0, 0.0, 0.0) and cfg.load_in_4bit is True
+    assert cfg.grad_accum == TrainConfig().grad_accum
+
+
+def test_comma_separated_flags_become_tuples():
+    cfg = parse_config(["--ranks", "64,32,16", "--alphas", "16", "--target_modules", "q_proj,v_proj"])
+    assert cfg.ranks == (64, 32, 16) and cfg.alphas == (16.0, 16.0, 16.0) and cfg.target_modules == ("q_proj", "v_proj")
+
+
+def test_launcher_local_rank_flag_is_accepted():
+    assert parse_config(["--local_rank=1"]).seed == 0
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--micro_batch_size", "0"], "micro_batch_size=0"),
+    (["--lr", "-1"], "lr=-1.0"),
+    (["--dtype", "fp16"], "dtype='fp16'"),
+    (["--ranks", "8,-1,2"], "mid rank is -1"),
+    (["--max_steps", "0"], "max_steps=0"),
+    (["--micro_batch_size", "two"], "micro_batch_size='two'"),
+    (["--load_in_4bit", "maybe"], "load_in_4bit='maybe'"),
+])
+def test_bad_values_name_the_field_and_value(argv, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        parse_config(argv)
+
+
+def test_unknown_yaml_field_is_refused(tmp_path):
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match=r"unknown fields \['learning_rate'\]"):
+        parse_config(["--config", str(yaml_file)])
+
+
+def test_every_field_has_help_text():
+    helps = {a.dest: a.help for a in build_parser()._actions if a.dest not in ("help", "local_rank")}
+    assert all(h and not h.startswith(" (default") for h in helps.values()), [k for k, h in helps.items() if not h]
+
+
+@pytest.mark.parametrize("name", ["zero2.json", "zero3.json", "zero3_offload.json"])
+def test_shipped_ds_configs_resolve_with_no_auto_left(name):
+    cfg = TrainConfig(micro_batch_size=4, grad_accum=2, lr=2e-4, max_grad_norm=0.5)
+    ds = resolve_ds_config(read_ds_config(REPO_ROOT / "ds_configs" / name), cfg, world_size=8, dtype="bf16",
+                           largest_adapter_numel=4096 * 64)
+    assert "auto" not in json.dumps(ds)
+    assert ds["train_batch_size"] == 64 and ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 2
+    assert ds["optimizer"]["params"]["lr"] == 2e-4 and ds["gradient_clipping"] == 0.5 and ds["bf16"]["enabled"] is True
+    if ds["zero_optimization"]["stage"] == 3:
+        assert ds["zero_optimization"]["stage3_param_persistence_threshold"] == 4096 * 64
+
+
+def test_train_batch_size_that_contradicts_the_split_is_refused():
+    raw = {"train_batch_size": 32, "zero_optimization": {"stage": 2}}
+    with pytest.raises(ConfigError, match=r"train_batch_size=32 but micro_batch_size x grad_accum x world size = 4 x 1 x 2 = 8"):
+        resolve_ds_config(raw, TrainConfig(micro_batch_size=4), world_size=2, dtype="fp32", largest_adapter_numel=1)
+
+
+def test_explicit_values_must_agree_with_the_training_config():
+    raw = {"optimizer": {"type": "AdamW", "params": {"lr": 0.1}}}
+    with pytest.raises(ConfigError, match=r"optimizer.params.lr=0.1 contradicts the training config, which gives 0.003"):
+        resolve_ds_config(raw, TrainConfig(lr=0.003), world_size=1, dtype="fp32", largest_adapter_numel=1)
+    raw = {"bf16": {"enabled": True}}
+    with pytest.raises(ConfigError, match=r"bf16\.enabled=True"):
+        resolve_ds_config(raw, TrainConfig(), world_size=1, dtype="fp32", largest_adapter_numel=1)
+
+
+def test_persistence_threshold_below_the_adapters_is_refused():
+    raw = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+    with pytest.raises(ConfigError, match=r"stage3_param_persistence_threshold=0 would partition the shared adapters .* at least 1376"):
+        resolve_ds_config(raw, TrainConfig(), world_size=2, dtype="fp32", largest_adapter_numel=1376)
+
+
+def test_fp16_and_a_scheduler_section_are_refused():
+    with pytest.raises(ConfigError, match="fp16"):
+        resolve_ds_config({"fp16": {"enabled": True}}, TrainConfig(), world_size=1, dtype="fp32", largest_adapter_numel=1)
+    with pytest.raises(ConfigError, match="scheduler"):
+        resolve_ds_config({"scheduler": {"type": "WarmupLR"}}, TrainConfig(), world_size=1, dtype="fp32", largest_adapter_numel=1)
+
+
+def test_ds_config_that_is_not_json_names_the_line(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text('{\n  "train_batch_size": 8,\n  oops\n}\n')
+    with pytest.raises(ConfigError, match="line 3"):
+        read_ds_config(path)

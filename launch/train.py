@@ -162,15 +162,18 @@ def backbone_partition(model, world: int, device) -> dict:
 
 
 def train(cfg: TrainConfig) -> dict:
+    import datasets
     import deepspeed
     from tqdm import tqdm
+
+    datasets.disable_progress_bars()  # one summary line per split instead (prepare_data)
 
     on_gpu = torch.cuda.is_available()
     dtype = cfg.resolved_dtype(on_gpu)
     # Everything a user can get wrong is checked before the processes spend minutes loading.
     raw_ds = read_ds_config(cfg.ds_config)
     hf_config = check_model_dir(cfg.model)
-    adapter_cfg = cfg.adapter_config()
+    adapter_cfg = cfg.adapter_config().with_groups(hf_config["num_hidden_layers"])
     features = projection_features(hf_config)
     unknown = [t for t in adapter_cfg.target_modules if t not in features]
     if unknown:

@@ -1,0 +1,87 @@
+"""The real launch/train.py under DeepSpeed on CPU (gloo): the same global batch gives the same adapters
+whatever the split into ranks x micro-batches x accumulation steps, under ZeRO-2 and ZeRO-3 (the
+backbone really partitioned), with a 4-bit backbone too; resume continues the run exactly."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from tests.launch_utils import adapter_tensors, max_relative_difference, relative_differences, run_train, summary
+
+pytestmark = pytest.mark.slow
+
+# fp32, no dropout: the runs differ only in how the same global batch of 8 is split.
+COMMON = ["--max_steps", "4", "--dropout", "0", "--dtype", "fp32", "--lr", "1e-2", "--seed", "1", "--eval_steps", "0",
+          "--max_seq_len", "128", "--eval_fraction", "0.05", "--ranks", "8,4,2", "--num_mid_groups", "3"]
+ZERO2, ZERO3 = "ds_configs/zero2.json", "ds_configs/zero3.json"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One process, micro-batch 2 x 4 accumulation steps."""
+    out = tmp_path_factory.mktemp("ref")
+    run_train(out, "--ds_config", ZERO2, "--micro_batch_size", "2", "--grad_accum", "4", *COMMON)
+    return out
+
+
+def assert_same_training(run, reference):
+    ours, ref = summary(run), summary(reference)
+    assert ours["steps"] == ref["steps"] == 4 and ref["global_batch"] == ours["global_batch"] == 8
+    for mine, theirs in zip(ours["history"], ref["history"], strict=True):
+        assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-5)
+    assert ours["final_eval_loss"] == pytest.approx(ref["final_eval_loss"], rel=1e-5)
+    # Adam divides by sqrt(v): in coordinates whose gradient is near zero (q/k at a random init) it
+    # magnifies float rounding, so a few tensors reach ~2e-5 while the typical one agrees to ~3e-7.
+    # A wrong reduction (a missing 1/world, a per-rank mean) shows up as differences of order 1e-1.
+    diffs = relative_differences(adapter_tensors(run), adapter_tensors(reference))
+    assert max(diffs) < 5e-5 and sorted(diffs)[len(diffs) // 2] < 2e-6, sorted(diffs)[-3:]
+    # The adapters moved: the comparison is not between two untrained copies.
+    assert ref["history"][-1]["loss"] < ref["history"][0]["loss"] or ref["final_eval_loss"] < ref["first_eval_loss"] + 1
+
+
+def test_zero3_two_ranks_match_one_rank_with_accumulation_and_partition_the_backbone(reference, tmp_path):
+    run_train(tmp_path, "--ds_config", ZERO3, "--micro_batch_size", "2", "--grad_accum", "2", *COMMON, nproc=2)
+    assert_same_training(tmp_path, reference)
+    s = summary(tmp_path)
+    assert s["zero_stage"] == 3 and s["replicas_identical"] is True
+    # Each rank holds about half the frozen backbone (small persistent tensors, the norms, are whole).
+    part = s["backbone_partition"]
+    for local in part["local_numel_per_rank"]:
+        assert 0.45 < local / part["full_numel"] < 0.55, part
+
+
+def test_zero2_two_ranks_match_one_rank_with_accumulation(reference, tmp_path):
+    run_train(tmp_path, "--ds_config", ZERO2, "--micro_batch_size", "4", "--grad_accum", "1", *COMMON, nproc=2)
+    assert_same_training(tmp_path, reference)
+    assert summary(tmp_path)["replicas_identical"] is True
+
+
+def test_zero3_4bit_backbone_two_ranks_match_one_rank(tmp_path):
+    four_bit = [*COMMON, "--load_in_4bit", "true", "--ds_config", ZERO3]
+    ref = tmp_path / "ref"
+    run_train(ref, "--micro_batch_size", "2", "--grad_accum", "4", *four_bit)
+    run_train(tmp_path / "two", "--micro_batch_size", "2", "--grad_accum", "2", *four_bit, nproc=2)
+    assert_same_training(tmp_path / "two", ref)
+    s = summary(tmp_path / "two")
+    assert s["load_in_4bit"] is True and s["replicas_identical"] is True
+    for local in s["backbone_partition"]["local_numel_per_rank"]:
+        assert 0.45 < local / s["backbone_partition"]["full_numel"] < 0.6
+
+
+def test_resume_from_a_checkpoint_continues_the_same_run(tmp_path):
+    args = ["--ds_config", ZERO3, "--micro_batch_size", "4", "--grad_accum", "1", "--save_steps", "3", "--keep_last", "3",
+            *COMMON, "--max_steps", "6", "--dropout", "0.1"]  # dropout on: RNG state must be restored too
+    full = tmp_path / "full"
+    run_train(full, *args)
+    assert sorted(p.name for p in (full / "checkpoints").iterdir()) == ["step-00000003", "step-00000006"]
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(full / "checkpoints" / "step-00000003", resumed / "checkpoints" / "step-00000003")
+    proc = run_train(resumed, *args, "--resume", "latest")
+    assert "resumed from" in proc.stdout
+    a, b = summary(full)["history"], summary(resumed)["history"]
+    assert [h["step"] for h in b] == [1, 2, 3, 4, 5, 6]
+    assert [h["loss"] for h in b] == [h["loss"] for h in a]
+    assert max_relative_difference(adapter_tensors(resumed), adapter_tensors(full)) == 0.0

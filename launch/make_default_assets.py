@@ -15,9 +15,12 @@ versions; check with ``sha256sum``):
   tokenizer trained on that data, exported as a transformers ``LlamaTokenizer``,
   plus a randomly initialised 4-layer grouped-query ``LlamaForCausalLM``.
 
-Everything is seeded; nothing is downloaded. The script also checks that the
-saved directory reloads through the Auto* classes with ``HF_HUB_OFFLINE=1``
-and that the transformers tokenizer agrees with the raw SentencePiece model.
+Everything is seeded; nothing is downloaded. The tokenizer corpus is cut up
+the way ``msplora_dist.data`` tokenizes rows (``msplora_dist.prompts`` supplies
+the Alpaca prompt), so rerun this after changing either. Before replacing the
+model directory, the script checks that it reloads through the Auto* classes
+with ``HF_HUB_OFFLINE=1``, that the transformers tokenizer agrees with the raw
+SentencePiece model, and that the chat template renders prefix by prefix.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import json
 import os
 import random
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -37,6 +41,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import sentencepiece as spm
 import torch
+from sentencepiece import sentencepiece_model_pb2 as sp_model_pb2
+from tokenizers.models import BPE
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -44,6 +50,11 @@ from transformers import (
     LlamaForCausalLM,
     LlamaTokenizer,
 )
+from transformers.convert_slow_tokenizer import SentencePieceExtractor
+
+# Run from a checkout without installing, like the other launch scripts.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from msplora_dist.prompts import alpaca_prompt
 
 SEED = 1234
 N_INSTRUCTIONS = 500
@@ -57,20 +68,6 @@ ASSETS_DIR = REPO_ROOT / "msplora_dist" / "assets"
 # Special-token layout follows the original LLaMA SentencePiece models (unk/bos/eos
 # at 0/1/2) plus a dedicated pad piece, so padding never aliases a real token.
 UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
-
-# The standard Alpaca prompt. Its header lines are included in the tokenizer
-# corpus (they are what trainers usually wrap rows in), so they become a few
-# whole-word pieces instead of hundreds of byte-fallback tokens.
-ALPACA_PROMPT_NO_INPUT = (
-    "Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response:\n"
-)
-ALPACA_PROMPT_WITH_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides "
-    "further context. Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-)
 
 # Plain-text role markers (no extra special tokens needed). The {% generation %}
 # block lets ``apply_chat_template(..., return_assistant_tokens_mask=True)`` mark
@@ -95,6 +92,8 @@ CHAT_TEMPLATE = (
 
 # --------------------------------------------------------------------------- tables
 
+# Tables are kept compact on purpose; one entry per line would be ~200 lines of noise.
+# fmt: off
 WORDS = [
     "apple", "river", "garden", "pencil", "window", "yellow", "castle", "dragon",
     "silver", "forest", "candle", "rocket", "planet", "button", "pocket", "bridge",
@@ -152,6 +151,7 @@ SOUNDS = {
     "pig": "oink", "horse": "neigh", "owl": "hoot", "lion": "roar", "bee": "buzz",
     "snake": "hiss", "frog": "ribbit", "mouse": "squeak", "crow": "caw",
 }
+# fmt: on
 
 
 # ------------------------------------------------------------------------ templates
@@ -357,10 +357,7 @@ def _user_text(instruction: str, inp: str) -> str:
 def build_datasets(seed: int) -> tuple[list[dict], list[dict], list[dict]]:
     rng = random.Random(seed)
     seen: set[tuple[str, str]] = set()
-    instructions = [
-        {"instruction": ins, "input": inp, "output": out}
-        for ins, inp, out in _unique_rows(rng, N_INSTRUCTIONS, seen)
-    ]
+    instructions = [{"instruction": ins, "input": inp, "output": out} for ins, inp, out in _unique_rows(rng, N_INSTRUCTIONS, seen)]
 
     # Chat rows share the generator but not the rows (``seen`` is shared), so a
     # test can mix formats without exact duplicates. ~1 in 4 is two-turn, to
@@ -406,24 +403,36 @@ def build_datasets(seed: int) -> tuple[list[dict], list[dict], list[dict]]:
 
 
 def tokenizer_corpus(instructions: list[dict], chat: list[dict], text: list[dict]) -> list[str]:
-    """Lines the tokenizer is trained on: the data as a trainer would render it.
+    """Lines the tokenizer is trained on: the data cut up as the trainer tokenizes it.
 
-    SentencePiece trains on lines, so multi-line prompts are split; newlines
-    themselves are left to byte fallback (``<0x0A>``).
+    msplora_dist.data tokenizes each row as separate segments (alpaca: prompt, then
+    output; chat: text before each reply, then the reply), and the LLaMA tokenizer
+    puts its "▁" dummy prefix only at the start of each tokenized text, never after
+    a newline or after a special token such as the template's leading ``<s>``.
+    SentencePiece trains on single lines, so we train with ``add_dummy_prefix=False``
+    and add the leading space by hand exactly where it will appear at run time;
+    the learned pieces then match real use ("###" opening the prompt is "▁###",
+    while "Sort" after "### Instruction:\n" has no "▁"). Newlines are left to
+    byte fallback (``<0x0A>``), and special tokens never reach the trainer.
     """
-    docs = []
+    segments: list[tuple[str, bool]] = []  # (text, starts with the dummy prefix)
     for r in instructions:
-        tmpl = ALPACA_PROMPT_WITH_INPUT if r["input"] else ALPACA_PROMPT_NO_INPUT
-        docs.append(tmpl.format(**r) + r["output"])
+        segments += [(alpaca_prompt(r["instruction"], r["input"]), True), (r["output"], True)]
     for r in chat:
-        docs.append(
-            "\n".join(
-                ("User: " if m["role"] == "user" else "Assistant: ") + m["content"]
-                for m in r["messages"]
-            )
-        )
-    docs.extend(r["text"] for r in text)
-    return [line for doc in docs for line in doc.split("\n") if line.strip()]
+        # CHAT_TEMPLATE renders "<s>User: ...\nAssistant: " + reply + "</s>\n" per turn pair.
+        for i, m in enumerate(r["messages"]):
+            if m["role"] == "user":
+                segments.append((f"User: {m['content']}\nAssistant: ", i > 0))  # after "<s>" on the first turn
+            else:
+                segments.append((m["content"], True))
+    segments.extend((r["text"], True) for r in text)
+
+    lines = []
+    for seg, prefixed in segments:
+        for i, line in enumerate(seg.split("\n")):
+            if line.strip():
+                lines.append(" " + line if prefixed and i == 0 else line)
+    return lines
 
 
 def train_sentencepiece(lines: list[str], seed: int) -> bytes:
@@ -439,7 +448,7 @@ def train_sentencepiece(lines: list[str], seed: int) -> bytes:
         split_digits=True,  # one token per digit: arithmetic/sorting rows stay learnable
         # LLaMA-style normalisation: none, so decode(encode(x)) == x exactly.
         normalization_rule_name="identity",
-        add_dummy_prefix=True,
+        add_dummy_prefix=False,  # added by hand in tokenizer_corpus, see there
         remove_extra_whitespaces=False,
         allow_whitespace_only_pieces=True,
         unk_id=0,
@@ -454,19 +463,29 @@ def train_sentencepiece(lines: list[str], seed: int) -> bytes:
         shuffle_input_sentence=False,
         minloglevel=2,
     )
-    return model.getvalue()
+    # Encoding-time behaviour must match the LLaMA tokenizer (prefix at the start
+    # of a text), so switch the dummy prefix back on in the shipped model. The
+    # vocabulary and merges are unaffected by this flag.
+    proto = sp_model_pb2.ModelProto()
+    proto.ParseFromString(model.getvalue())
+    proto.normalizer_spec.add_dummy_prefix = True
+    return proto.SerializeToString()
 
 
-def build_tokenizer(spm_dir: Path) -> LlamaTokenizer:
-    """Load ``spm_dir/tokenizer.model`` as a transformers ``LlamaTokenizer``.
+def build_tokenizer(spm_path: Path) -> LlamaTokenizer:
+    """Turn the SentencePiece BPE model into a transformers ``LlamaTokenizer``.
 
-    transformers 5 only converts a SentencePiece model into its tokenizers BPE
-    backend (with byte fallback) inside ``from_pretrained``; constructing the
-    class directly with ``vocab_file`` yields an empty vocab. save_pretrained
-    then writes tokenizer.json, so later loads never need sentencepiece.
+    transformers 5's ``LlamaTokenizer`` is a tokenizers BPE model with byte
+    fallback and a Metaspace pre-tokenizer, i.e. exactly what SentencePiece BPE
+    does; we feed it the SentencePiece vocab and merges directly (the merge
+    ranks follow the piece order). Going through ``from_pretrained`` on the bare
+    .model would also work but leaks load-time kwargs into tokenizer_config.json.
+    save_pretrained writes tokenizer.json, so later loads never need sentencepiece.
     """
-    tok = LlamaTokenizer.from_pretrained(
-        spm_dir,
+    extracted = SentencePieceExtractor(str(spm_path)).extract(BPE)
+    tok = LlamaTokenizer(
+        vocab=extracted["vocab"],
+        merges=extracted["merges"],
         unk_token=UNK,
         bos_token=BOS,
         eos_token=EOS,
@@ -495,6 +514,26 @@ def check_tokenizer(tok, sp: spm.SentencePieceProcessor, samples: list[str]) -> 
             raise AssertionError(f"bos handling unexpected on {s!r}: {with_bos}")
 
 
+def check_chat_template(tok, chat: list[dict]) -> None:
+    """The template must render every conversation prefix as a prefix of the whole.
+
+    msplora_dist.data relies on that to find the reply tokens that take the loss.
+    """
+    for row in chat:
+        messages, rendered = row["messages"], ""
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            before = tok.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+            through = tok.apply_chat_template(messages[: i + 1], tokenize=False)
+            if not (before.startswith(rendered) and through.startswith(before) and through.endswith(tok.eos_token + "\n")):
+                raise AssertionError(f"chat template does not render {messages} prefix by prefix")
+            rendered = through
+    ids = tok.apply_chat_template(chat[0]["messages"], tokenize=True, return_dict=True)["input_ids"]
+    if ids[0] != tok.bos_token_id or tok.eos_token_id not in ids:
+        raise AssertionError(f"chat template output unexpected: {ids}")
+
+
 # ---------------------------------------------------------------------------- model
 
 
@@ -508,6 +547,12 @@ def build_model(vocab_size: int, tok, seed: int) -> LlamaForCausalLM:
         num_key_value_heads=2,  # grouped-query attention on purpose (LoRA on k/v must cope)
         max_position_embeddings=256,
         rms_norm_eps=1e-5,
+        # Wider than the usual 0.02 on purpose. The default run fine-tunes adapters
+        # on this *random* base with lm_head frozen; at std 0.02 the frozen lm_head
+        # caps logits at about +-1.3 (row norm 0.16 x normed-hidden norm 8), so
+        # LoRA-only training barely moves the loss (6.65 -> 6.05 in 800 steps).
+        # At 0.15 the same run reaches about 3.9, and full fine-tuning is unaffected.
+        initializer_range=0.15,
         tie_word_embeddings=False,  # separate lm_head so adapters on it are testable
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
@@ -547,15 +592,14 @@ def main() -> None:
     # leaves a half-written model directory behind and stale files never linger.
     with tempfile.TemporaryDirectory() as tmp:
         tmp_dir = Path(tmp)
-        spm_dir = tmp_dir / "spm"
-        spm_dir.mkdir()
-        spm_path = spm_dir / "tokenizer.model"
+        spm_path = tmp_dir / "tokenizer.model"
         spm_path.write_bytes(train_sentencepiece(tokenizer_corpus(instructions, chat, text), args.seed))
         sp = spm.SentencePieceProcessor(model_file=str(spm_path))
 
-        tok = build_tokenizer(spm_dir)
+        tok = build_tokenizer(spm_path)
         samples = (
-            [_user_text(r["instruction"], r["input"]) + "\n" + r["output"] for r in instructions]
+            [alpaca_prompt(r["instruction"], r["input"]) + r["output"] for r in instructions]
+            + [r["output"] for r in instructions]
             + [r["text"] for r in text]
             + ["Hello,  world!\n\tTabs, émojis 🙂 and 中文 fall back to bytes.", "x"]
         )
@@ -572,11 +616,7 @@ def main() -> None:
         # Reload exactly as a user would, offline, through the Auto classes.
         tok2 = AutoTokenizer.from_pretrained(staged)
         check_tokenizer(tok2, sp, samples)
-        chat_ids = tok2.apply_chat_template(chat[0]["messages"], tokenize=True)
-        if not isinstance(chat_ids, list):  # transformers 5 returns a BatchEncoding
-            chat_ids = chat_ids["input_ids"]
-        if chat_ids[0] != tok2.bos_token_id or tok2.eos_token_id not in chat_ids:
-            raise AssertionError(f"chat template output unexpected: {chat_ids}")
+        check_chat_template(tok2, chat)
         model2 = AutoModelForCausalLM.from_pretrained(staged)
         batch = tok2(["Reverse the word.\napple"], return_tensors="pt")
         with torch.no_grad():
@@ -584,9 +624,15 @@ def main() -> None:
         if logits.shape[-1] != len(tok2) or not torch.isfinite(logits).all():
             raise AssertionError(f"bad logits {tuple(logits.shape)}")
 
+        # Ship the SentencePiece model too (for sentencepiece/llama.cpp-style tooling);
+        # transformers still prefers tokenizer.json when both are present.
+        shutil.copyfile(spm_path, staged / "tokenizer.model")
+        tok3 = AutoTokenizer.from_pretrained(staged)
+        check_tokenizer(tok3, sp, samples)
+
         if model_dir.exists():
             shutil.rmtree(model_dir)
-        shutil.copytree(staged, model_dir)
+        shutil.copytree(staged, model_dir, copy_function=shutil.copyfile)  # plain 0644 files, not tempdir modes
 
     n_params = sum(p.numel() for p in model.parameters())
     print(f"wrote {len(instructions)} instruction / {len(chat)} chat / {len(text)} text rows to {data_dir}")

@@ -127,9 +127,11 @@ def _segments(row: dict, fmt: str, tokenizer, lineno: int) -> list[tuple[str, bo
 
 
 def tokenize_row(row: dict, fmt: str, tokenizer, max_seq_len: int, train_on_prompt: bool, lineno: int = 0) -> dict:
-    ids, labels = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else [], []
-    labels = [IGNORE_INDEX] * len(ids)
     segments = _segments(row, fmt, tokenizer, lineno)
+    # Chat templates often write the bos token themselves (Llama-2's, the shipped tiny model's).
+    template_has_bos = fmt == "chat" and bool(tokenizer.bos_token) and segments[0][0].startswith(tokenizer.bos_token)
+    ids = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and not template_has_bos else []
+    labels = [IGNORE_INDEX] * len(ids)
     for k, (text, takes_loss) in enumerate(segments):
         piece = tokenizer(text, add_special_tokens=False)["input_ids"]
         # Alpaca and text rows end with eos so the model learns to stop; chat templates add their own.

@@ -63,7 +63,7 @@ def test_chat_rows_take_loss_on_assistant_turns_only(tokenizer):
     assert "5" in learned and "9" in learned
     assert "add" not in learned and "and 4" not in learned
     # The whole conversation is rendered by the chat template, token for token.
-    assert tokenizer.decode(ex["input_ids"][1:]).replace(" ", "") == \
+    assert tokenizer.decode(ex["input_ids"]).replace(" ", "") == \
         tokenizer.apply_chat_template(messages, tokenize=False).replace(" ", "")
 
 
@@ -158,3 +158,9 @@ def test_collate_pads_right_and_masks_padding(tokenizer):
     assert batch["input_ids"].tolist() == [[1, 5, 6], [1, 7, 0]]
     assert batch["labels"].tolist() == [[-100, 5, 6], [-100, 7, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+
+
+def test_chat_template_that_writes_bos_gets_exactly_one(tokenizer):
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    ex = tokenize_row({"messages": messages}, "chat", tokenizer, 256, train_on_prompt=False)
+    assert ex["input_ids"].count(tokenizer.bos_token_id) == 1 and ex["input_ids"][0] == tokenizer.bos_token_id

@@ -23,7 +23,7 @@ from torch import nn
 
 from msplora_dist.config import MSPLoRAConfig
 from msplora_dist.errors import CheckpointError, ConfigError
-from msplora_dist.model import apply_msplora, get_hierarchy
+from msplora_dist.model import apply_msplora, get_hierarchy, signature_for
 from msplora_dist.zero import full_shape, gathered
 
 FORMAT_VERSION = 1
@@ -67,15 +67,23 @@ def write_dir_atomically(target: str | os.PathLike, write) -> Path:
         raise ConfigError(f"cannot write to {str(target.parent)!r}: {err.strerror}; expected a writable directory") from None
     try:
         write(tmp)
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+        # mkdtemp makes the directory 0700; readers (a server running as another user) need 0755.
+        os.chmod(tmp, 0o755)
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
         _fsync_dir(tmp)
         old = None
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except BaseException:
+            if old is not None:  # put the previous adapter back where it was
+                os.replace(old, target)
+            raise
         _fsync_dir(target.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
@@ -83,6 +91,21 @@ def write_dir_atomically(target: str | os.PathLike, write) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def write_file_atomically(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` to a temporary sibling, fsync, rename: readers see the old file or the new one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -134,9 +157,8 @@ def read_adapter_config(path: str | os.PathLike) -> tuple[MSPLoRAConfig, dict]:
     return config, meta
 
 
-def _check_signature(model: nn.Module, meta: dict, path: Path) -> None:
-    h = get_hierarchy(model)
-    saved, ours = meta["signature"], h.model_signature
+def _check_signature(ours: dict, meta: dict, path: Path) -> None:
+    saved = meta["signature"]
     for key in ("model_type", "hidden_size", "num_layers"):
         if saved.get(key) != ours.get(key):
             raise CheckpointError(
@@ -157,13 +179,14 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     config, meta = read_adapter_config(path)
     existing = get_hierarchy(model, required=False)
     if existing is None:
-        model = apply_msplora(model, config)
+        ours = signature_for(model, config.target_modules)  # check before apply_msplora changes the model
     else:
         mine, theirs = existing.config.to_dict(), config.to_dict()
         for key in ("ranks", "target_modules", "groups", "alphas", "use_rslora"):
             if mine[key] != theirs[key]:
                 raise CheckpointError(f"adapter {str(path)!r} has {key}={theirs[key]}; the model's adapters have {key}={mine[key]}")
-    _check_signature(model, meta, path)
+        ours = existing.model_signature
+    _check_signature(ours, meta, path)
 
     weights_file = path / WEIGHTS_NAME
     if not weights_file.is_file():
@@ -178,6 +201,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{str(weights_file)!r} is not a readable safetensors file ({err})") from None
 
+    if existing is None:
+        model = apply_msplora(model, config)
     params = dict(get_hierarchy(model).named_parameters())
     missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
     if missing or unexpected:

@@ -16,6 +16,13 @@ LEVELS = ("global", "mid", "layer")
 ALL_LINEAR_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+def _rank(value) -> int:
+    """int() that refuses what it would silently change: 4.5 -> 4, True -> 1."""
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise ValueError(f"{value!r} is not an integer")
+    return int(value)
+
+
 def _triple(name: str, value, cast) -> tuple:
     """Accept a scalar (same for every level) or a 3-sequence (global, mid, layer)."""
     if isinstance(value, str) or not isinstance(value, Sequence):
@@ -52,7 +59,7 @@ class MSPLoRAConfig:
     is known (a saved adapter carries them, so loading never re-derives a different split)."""
 
     def __post_init__(self):
-        self.ranks = _triple("ranks", self.ranks, int)
+        self.ranks = _triple("ranks", self.ranks, _rank)
         self.alphas = _triple("alphas", self.alphas, float)
         self.dropout = _triple("dropout", self.dropout, float)
         for level, r in zip(LEVELS, self.ranks, strict=True):

@@ -108,17 +108,12 @@ def model_signature(model: nn.Module, num_layers: int, features: dict[str, tuple
     }
 
 
-def apply_msplora(model: nn.Module, config: MSPLoRAConfig, *, adapter_dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Wrap every target projection of every decoder layer; freeze every base parameter. In place."""
-    if get_hierarchy(model, required=False) is not None:
-        raise ConfigError(f"{type(model).__name__} already has an MSPLoRA hierarchy; apply_msplora once per model")
-    _, layers = find_decoder_layers(model, config.target_modules)
-    num_layers = len(layers)
-    config = config.with_groups(num_layers)
-
-    found: dict[str, list[tuple[nn.Module, str, nn.Module]]] = {t: [] for t in config.target_modules}
+def _find_targets(layers: nn.ModuleList, targets: tuple[str, ...]
+                  ) -> tuple[dict[str, list[tuple[nn.Module, str, nn.Module]]], dict[str, tuple[int, int]]]:
+    """(parent, child_name, module) of every target of every layer, and the (in, out) features of each target."""
+    found: dict[str, list[tuple[nn.Module, str, nn.Module]]] = {t: [] for t in targets}
     for layer in layers:
-        for t in config.target_modules:
+        for t in targets:
             parent, child, module = _find_target(layer, t)
             if not isinstance(module, nn.Linear):
                 raise ConfigError(f"target module {t!r} is a {type(module).__name__}; expected nn.Linear or bitsandbytes Linear4bit")
@@ -129,6 +124,24 @@ def apply_msplora(model: nn.Module, config: MSPLoRAConfig, *, adapter_dtype: tor
         if len(shapes) != 1:
             raise ConfigError(f"target module {t!r} has different shapes across layers {sorted(shapes)}; a shared adapter needs one shape")
         features[t] = shapes.pop()
+    return found, features
+
+
+def signature_for(model: nn.Module, targets: tuple[str, ...]) -> dict:
+    """The model_signature that apply_msplora(model, config with these targets) would record; changes nothing."""
+    _, layers = find_decoder_layers(model, targets)
+    _, features = _find_targets(layers, targets)
+    return model_signature(model, len(layers), features)
+
+
+def apply_msplora(model: nn.Module, config: MSPLoRAConfig, *, adapter_dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Wrap every target projection of every decoder layer; freeze every base parameter. In place."""
+    if get_hierarchy(model, required=False) is not None:
+        raise ConfigError(f"{type(model).__name__} already has an MSPLoRA hierarchy; apply_msplora once per model")
+    _, layers = find_decoder_layers(model, config.target_modules)
+    num_layers = len(layers)
+    config = config.with_groups(num_layers)
+    found, features = _find_targets(layers, config.target_modules)
 
     for p in model.parameters():
         p.requires_grad_(False)
@@ -140,7 +153,9 @@ def apply_msplora(model: nn.Module, config: MSPLoRAConfig, *, adapter_dtype: tor
         for layer_idx, (parent, child, base) in enumerate(entries):
             wrapped = MSPLoRALinear(base, hierarchy.pairs_for(layer_idx, t), scales, config.dropout)
             wrapped.layer_index, wrapped.target = layer_idx, t
+            wrapped.train(base.training)  # a new Module starts in train mode: no adapter dropout on an eval model
             setattr(parent, child, wrapped)
+    hierarchy.train(model.training)
     model.add_module(HIERARCHY_ATTR, hierarchy)
     return model
 

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from msplora_dist import UserError, apply_msplora, param_report, save_adapter
-from msplora_dist.backbone import check_model_dir, load_backbone, load_tokenizer, projection_features
+from msplora_dist.backbone import check_model_dir, load_backbone, load_tokenizer, projection_features, set_eval_mode
 from msplora_dist.checkpoint import write_file_atomically
 from msplora_dist.data import (
     IGNORE_INDEX,
@@ -124,7 +124,7 @@ def loss_sum(engine, batch: dict, device) -> torch.Tensor:
 @torch.no_grad()
 def evaluate(engine, eval_ds, cfg: TrainConfig, pad_id: int, device, rank: int, world: int) -> tuple[float, float]:
     """Token-weighted eval loss and perplexity over the whole eval set, identical on every rank."""
-    engine.eval()
+    set_eval_mode(engine.module)
     totals = torch.zeros(2, dtype=torch.float64, device=device)
     for indices in eval_batches(len(eval_ds), cfg.micro_batch_size, rank, world):
         # A rank whose share ran out still runs a forward (ZeRO-3 gathers are collective), on a
@@ -153,12 +153,16 @@ def adapter_digest(model) -> torch.Tensor:
 
 
 def backbone_partition(model, world: int, device) -> dict:
-    """How much of the frozen backbone each rank holds: under ZeRO-3 about 1/world of the full size."""
-    full = sum(full_numel(p) for p in model.parameters() if not p.requires_grad)
-    local = torch.tensor([sum(local_numel(p) for p in model.parameters() if not p.requires_grad)], device=device)
+    """How much of the frozen backbone each rank holds. Under ZeRO-3 each rank keeps 1/world of every
+    partitioned tensor; tensors at or below stage3_param_persistence_threshold (norms, and on tiny
+    models small 4-bit weights) are persistent, i.e. whole on every rank."""
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    persistent = sum(full_numel(p) for p in frozen if getattr(p, "ds_persist", False))
+    local = torch.tensor([sum(local_numel(p) for p in frozen)], device=device)
     per_rank = [torch.zeros_like(local) for _ in range(world)]
     dist.all_gather(per_rank, local)
-    return {"full_numel": full, "local_numel_per_rank": [int(t.item()) for t in per_rank]}
+    return {"full_numel": sum(full_numel(p) for p in frozen), "persistent_numel": persistent,
+            "local_numel_per_rank": [int(t.item()) for t in per_rank]}
 
 
 def train(cfg: TrainConfig) -> dict:

@@ -114,3 +114,14 @@ def projection_features(hf_config: dict) -> dict[str, tuple[int, int]]:
     return {"q_proj": (hidden, heads * head_dim), "k_proj": (hidden, kv_heads * head_dim),
             "v_proj": (hidden, kv_heads * head_dim), "o_proj": (heads * head_dim, hidden),
             "gate_proj": (hidden, inter), "up_proj": (hidden, inter), "down_proj": (inter, hidden)}
+
+
+def set_eval_mode(model: torch.nn.Module) -> None:
+    """model.eval(), except that 4-bit base layers stay in training mode. On a CPU with AVX512-BF16,
+    bitsandbytes' Linear4bit repacks its weight in place on its first eval-mode forward: that rewrites
+    a ZeRO-3 partitioned tensor behind DeepSpeed's back, and asserts for out_features not divisible
+    by 32. Linear4bit has no other train/eval difference, so its outputs are the same either way."""
+    model.eval()
+    for module in model.modules():
+        if type(module).__name__ == "Linear4bit":
+            module.train()

@@ -41,15 +41,22 @@ def assert_same_training(run, reference):
     assert ref["history"][-1]["loss"] < ref["history"][0]["loss"] or ref["final_eval_loss"] < ref["first_eval_loss"] + 1
 
 
+def assert_backbone_halved(part: dict, max_persistent: float) -> None:
+    """Each of 2 ranks holds half of every partitioned backbone tensor, and of each persistent one
+    its half shard plus the whole gathered copy; nothing else."""
+    full, persistent = part["full_numel"], part["persistent_numel"]
+    assert persistent <= max_persistent * full, part
+    for local in part["local_numel_per_rank"]:
+        # A shard is padded to a multiple of the world size: allow a few elements per tensor.
+        assert abs(local - (1.5 * persistent + (full - persistent) / 2)) <= 0.005 * full, part
+
+
 def test_zero3_two_ranks_match_one_rank_with_accumulation_and_partition_the_backbone(reference, tmp_path):
     run_train(tmp_path, "--ds_config", ZERO3, "--micro_batch_size", "2", "--grad_accum", "2", *COMMON, nproc=2)
     assert_same_training(tmp_path, reference)
     s = summary(tmp_path)
     assert s["zero_stage"] == 3 and s["replicas_identical"] is True
-    # Each rank holds about half the frozen backbone (small persistent tensors, the norms, are whole).
-    part = s["backbone_partition"]
-    for local in part["local_numel_per_rank"]:
-        assert 0.45 < local / part["full_numel"] < 0.55, part
+    assert_backbone_halved(s["backbone_partition"], max_persistent=0.01)
 
 
 def test_zero2_two_ranks_match_one_rank_with_accumulation(reference, tmp_path):
@@ -66,8 +73,9 @@ def test_zero3_4bit_backbone_two_ranks_match_one_rank(tmp_path):
     assert_same_training(tmp_path / "two", ref)
     s = summary(tmp_path / "two")
     assert s["load_in_4bit"] is True and s["replicas_identical"] is True
-    for local in s["backbone_partition"]["local_numel_per_rank"]:
-        assert 0.45 < local / s["backbone_partition"]["full_numel"] < 0.6
+    # On this tiny model the 4-bit attention weights (512 packed elements) fall under the persistence
+    # threshold (the largest adapter, 1,376 elements); the MLP weights and embeddings are partitioned.
+    assert_backbone_halved(s["backbone_partition"], max_persistent=0.25)
 
 
 def test_resume_from_a_checkpoint_continues_the_same_run(tmp_path):

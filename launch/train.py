@@ -25,9 +25,11 @@ import json
 import math
 import os
 import resource
+import shutil
 import socket
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,8 +38,16 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from msplora_dist import UserError, apply_msplora, param_report, save_adapter
-from msplora_dist.backbone import check_model_dir, load_backbone, load_tokenizer, projection_features, set_eval_mode
+from msplora_dist import MSPLoRAConfig, UserError, apply_msplora, param_report, save_adapter
+from msplora_dist.backbone import (
+    DTYPES,
+    check_model_dir,
+    load_backbone,
+    load_tokenizer,
+    projection_features,
+    quantization_config,
+    set_eval_mode,
+)
 from msplora_dist.checkpoint import write_file_atomically
 from msplora_dist.data import (
     IGNORE_INDEX,
@@ -51,16 +61,26 @@ from msplora_dist.data import (
 )
 from msplora_dist.ds_config import read_ds_config, resolve_ds_config, zero_stage
 from msplora_dist.errors import ConfigError
-from msplora_dist.model import adapter_params, get_hierarchy
+from msplora_dist.model import adapter_params
 from msplora_dist.train_config import TrainConfig, parse_config, save_config_yaml
-from msplora_dist.train_state import find_resume_dir, load_checkpoint, save_checkpoint
+from msplora_dist.train_state import (
+    check_resume_compatible,
+    checkpoint_root,
+    find_resume_dir,
+    load_checkpoint,
+    save_checkpoint,
+)
 from msplora_dist.zero import full_numel, local_numel, register_adapters_with_zero3
 
 
 def log(msg: str) -> None:
-    """Print on rank 0 only (RANK is set by the launcher before torch.distributed starts)."""
+    """Print on rank 0 only (RANK is set by the launcher before torch.distributed starts), above the
+    progress bar rather than through it."""
     if int(os.environ.get("RANK", "0")) == 0:
-        print(msg, flush=True)
+        from tqdm import tqdm
+
+        tqdm.write(msg, file=sys.stdout)
+        sys.stdout.flush()
 
 
 def init_distributed(on_gpu: bool) -> tuple[int, int]:
@@ -165,16 +185,25 @@ def backbone_partition(model, world: int, device) -> dict:
             "local_numel_per_rank": [int(t.item()) for t in per_rank]}
 
 
-def train(cfg: TrainConfig) -> dict:
-    import datasets
-    import deepspeed
-    from tqdm import tqdm
+@dataclass
+class Plan:
+    """What the preflight checks established, before any process spends time loading the model."""
 
-    datasets.disable_progress_bars()  # one summary line per split instead (prepare_data)
+    dtype: str
+    ds_config: dict
+    adapter_config: MSPLoRAConfig
+    tokenizer: object
+    train_ds: object
+    eval_ds: object
+    sampler: GlobalBatchSampler
+    total_steps: int
+    resume_dir: Path | None
 
-    on_gpu = torch.cuda.is_available()
+
+def preflight(cfg: TrainConfig, world: int, on_gpu: bool) -> Plan:
+    """Check everything a user can get wrong (configs, model directory, data, output directory,
+    resume checkpoint) and prepare the data. Raises UserError; writes nothing."""
     dtype = cfg.resolved_dtype(on_gpu)
-    # Everything a user can get wrong is checked before the processes spend minutes loading.
     raw_ds = read_ds_config(cfg.ds_config)
     hf_config = check_model_dir(cfg.model)
     adapter_cfg = cfg.adapter_config().with_groups(hf_config["num_hidden_layers"])
@@ -183,59 +212,112 @@ def train(cfg: TrainConfig) -> dict:
     if unknown:
         raise ConfigError(f"target_modules {unknown} are not projections of a {hf_config['model_type']} model; "
                           f"expected some of {list(features)}")
+    if cfg.load_in_4bit:
+        quantization_config(DTYPES[dtype])  # bitsandbytes importable and usable
     largest = max(max(adapter_cfg.ranks) * f for t in adapter_cfg.target_modules for f in features[t])
+    ds_config = resolve_ds_config(raw_ds, cfg, world_size=world, dtype=dtype, largest_adapter_numel=largest)
+
     output_dir = Path(cfg.output_dir)
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
-        probe = output_dir / f".write-test-{os.getpid()}"
+        probe = output_dir / f".write-test-{os.getpid()}-{os.environ.get('RANK', '0')}"
         probe.write_text("")
         probe.unlink()
     except OSError as err:
         raise ConfigError(f"--output_dir {str(output_dir)!r} is not writable ({err.strerror}); expected a writable directory") from None
+    earlier = [p.name for p in (checkpoint_root(output_dir), output_dir / "adapter") if p.exists()]
+    if earlier and not cfg.resume and not cfg.overwrite:
+        raise ConfigError(f"--output_dir {str(output_dir)!r} already holds {earlier} of an earlier run; "
+                          "pass --resume latest to continue it, --overwrite true to replace it, or another --output_dir")
+    resume_dir = None
+    if cfg.resume:
+        resume_dir = find_resume_dir(output_dir, cfg.resume, log=log)
+        check_resume_compatible(resume_dir, adapter_cfg, hf_config, world)
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    ds_config = resolve_ds_config(raw_ds, cfg, world_size=world, dtype=dtype, largest_adapter_numel=largest)
     tokenizer = load_tokenizer(cfg.model)
     train_ds, eval_ds = prepare_data(cfg, tokenizer)
-    global_batch = cfg.micro_batch_size * cfg.grad_accum * world
-    sampler = GlobalBatchSampler(len(train_ds), global_batch, cfg.seed)
+    sampler = GlobalBatchSampler(len(train_ds), cfg.micro_batch_size * cfg.grad_accum * world, cfg.seed)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, int(cfg.epochs * sampler.steps_per_epoch))
-    resume_dir = find_resume_dir(output_dir, cfg.resume, log=log) if cfg.resume else None
+    return Plan(dtype, ds_config, adapter_cfg, tokenizer, train_ds, eval_ds, sampler, total_steps, resume_dir)
 
-    rank, world = init_distributed(on_gpu)
-    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
 
-    model = load_backbone(cfg.model, dtype=dtype, load_in_4bit=cfg.load_in_4bit, ds_config=ds_config,
+def build_engine(cfg: TrainConfig, plan: Plan):
+    """Frozen backbone + MSPLoRA hierarchy, wrapped by DeepSpeed with warmup + cosine."""
+    import deepspeed
+
+    model = load_backbone(cfg.model, dtype=plan.dtype, load_in_4bit=cfg.load_in_4bit, ds_config=plan.ds_config,
                           gradient_checkpointing=cfg.gradient_checkpointing, attn_implementation=cfg.attn_implementation)
     torch.manual_seed(cfg.seed)  # the same adapter init on every rank
-    model = apply_msplora(model, adapter_cfg)
-    assert max(p.numel() for p in adapter_params(model).values()) <= largest
-    if zero_stage(ds_config) == 3:
+    model = apply_msplora(model, plan.adapter_config)
+    if zero_stage(plan.ds_config) == 3:
         register_adapters_with_zero3(model)
     log(str(param_report(model)))
     engine, _, _, scheduler = deepspeed.initialize(
-        model=model, model_parameters=list(adapter_params(model).values()), config=ds_config,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total_steps)),
+        model=model, model_parameters=list(adapter_params(model).values()), config=plan.ds_config,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, plan.total_steps)),
     )
+    return engine, scheduler
 
+
+def injected_nan_steps() -> set[int]:
+    """Fault injection for the tests of the failure path: MSPLORA_INJECT_NAN_AT_STEPS="3,5" makes the
+    loss of those (1-based) steps NaN, as a diverging batch would."""
+    value = os.environ.get("MSPLORA_INJECT_NAN_AT_STEPS", "")
+    return {int(v) for v in value.split(",") if v.strip()}
+
+
+def train(cfg: TrainConfig) -> dict:
+    import datasets
+    from tqdm import tqdm
+
+    datasets.disable_progress_bars()  # one summary line per split instead (prepare_data)
+    on_gpu = torch.cuda.is_available()
+    plan = preflight(cfg, int(os.environ.get("WORLD_SIZE", "1")), on_gpu)
+    output_dir = Path(cfg.output_dir)
+
+    rank, world = init_distributed(on_gpu)
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    if cfg.overwrite and rank == 0:
+        for earlier in (checkpoint_root(output_dir), output_dir / "adapter"):
+            shutil.rmtree(earlier, ignore_errors=True)
+    engine, scheduler = build_engine(cfg, plan)
     if rank == 0:
         save_config_yaml(cfg, output_dir / "train_config.yaml")
-        (output_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
+        write_file_atomically(output_dir / "ds_config.json", json.dumps(plan.ds_config, indent=2))
     step, history = 0, []
-    if resume_dir is not None:
-        state = load_checkpoint(engine, resume_dir, world)
+    if plan.resume_dir is not None:
+        state = load_checkpoint(engine, plan.resume_dir)
         step, history = state["step"], state["history"]
-        log(f"resumed from {resume_dir} at step {step}")
+        log(f"resumed from {plan.resume_dir} at step {step}")
 
     writer = None
     if rank == 0:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(output_dir / "tb"))
-    pad_id = tokenizer.pad_token_id
-    bar = tqdm(total=total_steps, initial=step, disable=rank != 0, dynamic_ncols=True, desc="train")
+    eval_ds, pad_id, total_steps = plan.eval_ds, plan.tokenizer.pad_token_id, plan.total_steps
+    bar = tqdm(total=total_steps, initial=step, disable=rank != 0, dynamic_ncols=True, desc="train",
+               mininterval=0.5 if sys.stderr.isatty() else 10.0)
+    if eval_ds is not None and step == 0 and cfg.eval_steps:
+        # Where the base model starts, so the log shows how far training moved it.
+        loss0, ppl0 = evaluate(engine, eval_ds, cfg, pad_id, device, rank, world)
+        log(f"step 0/{total_steps}  eval_loss {loss0:.4f}  eval_ppl {ppl0:.2f}")
+        history.append({"step": 0, "eval_loss": loss0, "eval_ppl": ppl0})
     engine.train()
-    last_eval = None
+    try:
+        run_steps(cfg, engine, scheduler, plan, step, history, rank, world, device, writer, bar)
+    finally:
+        bar.close()
+    return finish(cfg, engine, history, plan, rank, world, device, writer)
+
+
+def run_steps(cfg: TrainConfig, engine, scheduler, plan: Plan, step: int, history: list[dict], rank: int, world: int,
+              device, writer, bar) -> None:
+    """The training loop proper, from `step` to plan.total_steps; appends to history."""
+    output_dir = Path(cfg.output_dir)
+    train_ds, eval_ds, sampler = plan.train_ds, plan.eval_ds, plan.sampler
+    pad_id, total_steps, nan_steps = plan.tokenizer.pad_token_id, plan.total_steps, injected_nan_steps()
+    nonfinite_in_a_row = 0
     while step < total_steps:
         t0 = time.perf_counter()
         indices = sampler.global_batch_indices(step)
@@ -246,39 +328,59 @@ def train(cfg: TrainConfig) -> dict:
         for accum_step in range(cfg.grad_accum):
             examples = [train_ds[i] for i in sampler.micro_batch_indices(step, accum_step, rank, world, cfg.micro_batch_size)]
             ce = loss_sum(engine, collate(examples, pad_id), device)
-            n_tokens = sum(len(e["input_ids"]) for e in examples)
+            if step + 1 in nan_steps:
+                ce = ce * float("nan")
             # DeepSpeed divides by grad_accum and averages over ranks; undo both so the gradient is
             # d(sum of token losses / n_global).
             engine.backward(ce * (world * cfg.grad_accum / n_global))
-            engine.step()
-            stats += torch.tensor([ce.item(), n_tokens], dtype=torch.float64, device=device)
+            engine.step()  # the optimizer steps at the accumulation boundary only
+            stats += torch.tensor([ce.item(), sum(len(e["input_ids"]) for e in examples)], dtype=torch.float64, device=device)
         dist.all_reduce(stats)
         step += 1
         loss = stats[0].item() / n_global
-        dt = time.perf_counter() - t0
-        lr = scheduler.get_last_lr()[0]
+        # DeepSpeed's ZeRO optimizers skip the update when the gradient norm is not finite.
+        applied = engine.was_step_applied()
+        if not applied or not math.isfinite(loss):
+            nonfinite_in_a_row += 1
+        else:
+            nonfinite_in_a_row = 0
+        if applied and not math.isfinite(loss):
+            raise TrainingStopped(f"step {step}: the loss is {loss} but the optimizer applied the update; the adapters may "
+                                  "be corrupt (this should not happen with ZeRO stage >= 1), stopping")
         grad_norm = engine.get_global_grad_norm()
-        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-        record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": stats[1].item() / dt}
+        record = {"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0],
+                  "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                  "tokens_per_s": stats[1].item() / (time.perf_counter() - t0)}
+        if not applied:
+            record["skipped"] = True
+            log(f"step {step}: non-finite loss or gradient (loss {loss}); update skipped "
+                f"({nonfinite_in_a_row} in a row, the run stops at {cfg.max_nonfinite_steps})")
         bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
-        if eval_ds is not None and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == total_steps):
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+        stop = bool(cfg.max_nonfinite_steps) and nonfinite_in_a_row >= cfg.max_nonfinite_steps
+        if eval_ds is not None and not stop and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == total_steps):
             record["eval_loss"], record["eval_ppl"] = evaluate(engine, eval_ds, cfg, pad_id, device, rank, world)
-            last_eval = record["eval_loss"]
-            bar.write(f"step {step}/{total_steps}  loss {loss:.4f}  eval_loss {record['eval_loss']:.4f}  "
-                      f"eval_ppl {record['eval_ppl']:.2f}") if rank == 0 else None
+            log(f"step {step}/{total_steps}  loss {loss:.4f}  eval_loss {record['eval_loss']:.4f}  eval_ppl {record['eval_ppl']:.2f}")
         record["peak_mem_gb"] = peak_memory_gb(device)
         history.append(record)
         if writer is not None and (step % cfg.log_steps == 0 or "eval_loss" in record):
             for key in ("loss", "lr", "grad_norm", "tokens_per_s", "peak_mem_gb", "eval_loss", "eval_ppl"):
-                if key in record:
-                    writer.add_scalar(f"train/{key}" if not key.startswith("eval") else f"eval/{key[5:]}", record[key], step)
-        if (cfg.save_steps and step % cfg.save_steps == 0) or step == total_steps:
+                if key in record and math.isfinite(record[key]):
+                    writer.add_scalar(f"eval/{key[5:]}" if key.startswith("eval") else f"train/{key}", record[key], step)
+        if stop or (cfg.save_steps and step % cfg.save_steps == 0) or step == total_steps:
+            # After skipped steps the adapters are those of the last good step: this checkpoint holds them.
             state = {"step": step, "world_size": world, "history": history, "config": cfg.to_dict()}
             path = save_checkpoint(engine, output_dir, step, state, cfg.keep_last)
             log(f"checkpoint: {path}")
-    bar.close()
+        if stop:
+            raise TrainingStopped(f"{nonfinite_in_a_row} steps in a row had a non-finite loss or gradient (steps "
+                                  f"{step - nonfinite_in_a_row + 1}-{step}); the last good state is in {path}. Lower --lr, "
+                                  "check the data, or resume with --resume latest")
 
+
+def finish(cfg: TrainConfig, engine, history: list[dict], plan: Plan, rank: int, world: int, device, writer) -> dict:
+    """Check the replicas agree, write the final adapter, the analysis report and summary.json."""
+    output_dir = Path(cfg.output_dir)
     # The shared adapters must be bit-identical on every rank: check the fingerprints agree.
     digest = adapter_digest(engine.module).to(device)
     digests = [torch.zeros_like(digest) for _ in range(world)]
@@ -287,25 +389,47 @@ def train(cfg: TrainConfig) -> dict:
     if not replicas_identical:
         raise RuntimeError("the adapter replicas differ across ranks after training; this is a bug, please report it")
     save_adapter(engine.module, output_dir / "adapter")
-    summary = {"backbone_partition": backbone_partition(engine.module, world, device), "steps": step, "world_size": world,
-               "global_batch": global_batch, "final_loss": history[-1]["loss"] if history else None,
-               "final_eval_loss": last_eval, "first_eval_loss": next((h["eval_loss"] for h in history if "eval_loss" in h), None),
-               "replicas_identical": replicas_identical, "zero_stage": zero_stage(ds_config), "dtype": dtype,
-               "load_in_4bit": cfg.load_in_4bit, "history": history}
+    if cfg.analyze:
+        from msplora_dist.analysis import analyze_model, tensorboard_scalars, write_report
+
+        report = analyze_model(engine.module)  # collective under ZeRO-3: every rank calls it
+        if rank == 0:
+            write_report(report, output_dir / "analysis")
+            for tag, value in tensorboard_scalars(report).items():
+                writer.add_scalar(tag, value, plan.total_steps)
+            log(f"analysis: {output_dir / 'analysis' / 'index.html'}")
+    evals = [h["eval_loss"] for h in history if "eval_loss" in h]
+    losses = [h["loss"] for h in history if "loss" in h]
+    summary = {"steps": history[-1]["step"] if history else 0, "world_size": world, "global_batch": plan.sampler.global_batch,
+               "final_loss": losses[-1] if losses else None,
+               "first_eval_loss": evals[0] if evals else None, "final_eval_loss": evals[-1] if evals else None,
+               "skipped_steps": sum(1 for h in history if h.get("skipped")),
+               "replicas_identical": replicas_identical, "zero_stage": zero_stage(plan.ds_config), "dtype": plan.dtype,
+               "load_in_4bit": cfg.load_in_4bit, "backbone_partition": backbone_partition(engine.module, world, device),
+               "history": history}
     if rank == 0:
         write_file_atomically(output_dir / "summary.json", json.dumps(summary, indent=1))
         writer.close()
         log(f"adapter: {output_dir / 'adapter'}")
-    get_hierarchy(engine.module)  # fails loudly if the hierarchy went missing
     return summary
 
 
+class TrainingStopped(RuntimeError):
+    """The run stopped itself (repeated non-finite steps); the message says where the last good state is."""
+
+
 def main(argv: list[str] | None = None) -> int:
+    # Every rank reports: an error on one rank alone (a node-local path) must not go unsaid.
+    rank = int(os.environ.get("RANK", "0"))
+    prefix = f"error (rank {rank}): " if rank else "error: "
     try:
         train(parse_config(argv))
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        print(f"{prefix}{err}", file=sys.stderr, flush=True)
         return 2
+    except TrainingStopped as err:
+        print(f"{prefix}{err}", file=sys.stderr, flush=True)
+        return 3
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -73,10 +73,15 @@ def resolve_ds_config(raw: dict, cfg: TrainConfig, *, world_size: int, dtype: st
         raise ConfigError("ds_config has a 'scheduler' section; the trainer builds warmup + cosine from the training config "
                           "(--lr, warmup_ratio, min_lr_ratio): remove it")
 
-    zero = ds.setdefault("zero_optimization", {"stage": 0})
+    zero = ds.setdefault("zero_optimization", {"stage": 2})
     stage = zero.get("stage", 0)
-    if stage not in (0, 1, 2, 3):
-        raise ConfigError(f"ds_config zero_optimization.stage={stage!r}: expected 0, 1, 2 or 3")
+    if stage not in (1, 2, 3):
+        # DeepSpeed's ZeRO optimizers skip a step whose gradient norm is not finite; the trainer relies
+        # on that to survive a bad batch (stage 0 would write NaN into the adapters).
+        raise ConfigError(f"ds_config zero_optimization.stage={stage!r}: expected 1, 2 or 3 (ds_configs/zero2.json for one GPU)")
+    if zero.get("compute_grad_norm") is False:
+        raise ConfigError("ds_config zero_optimization.compute_grad_norm=false: the trainer needs the gradient norm to skip "
+                          "non-finite steps; remove it")
     if stage == 3:
         threshold = zero.get("stage3_param_persistence_threshold", AUTO)
         if threshold == AUTO:

@@ -106,6 +106,14 @@ class TrainConfig:
     """Write TensorBoard scalars every log_steps optimizer steps."""
     resume: str | None = None
     """'latest' (the newest valid checkpoint in {output_dir}/checkpoints) or a checkpoint directory."""
+    overwrite: bool = False
+    """Start afresh in an output_dir that holds another run's checkpoints or adapter (they are deleted).
+    Without it such a directory is refused, so no run is lost by accident."""
+    max_nonfinite_steps: int = 3
+    """A step whose loss or gradient is not finite is skipped (no update) and counted; after this many
+    in a row the run saves a checkpoint of the last good state and stops (0: never stop)."""
+    analyze: bool = True
+    """At the end, write the multi-scale analysis report to {output_dir}/analysis and log its scalars."""
     config: str | None = field(default=None, metadata={"cli_only": True})
     """Optional YAML file of any of these fields; command-line flags override it."""
 
@@ -113,7 +121,7 @@ class TrainConfig:
         for name in ("micro_batch_size", "grad_accum", "keep_last"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)}: expected an integer >= 1")
-        for name in ("save_steps", "eval_steps", "log_steps"):
+        for name in ("save_steps", "eval_steps", "log_steps", "max_nonfinite_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)}: expected an integer >= 0")
         if self.max_steps == 0 or self.max_steps < -1:
@@ -134,6 +142,8 @@ class TrainConfig:
             raise ConfigError(f"dtype={self.dtype!r}: expected one of auto, bf16, fp32")
         if self.max_seq_len < 8:
             raise ConfigError(f"max_seq_len={self.max_seq_len}: expected at least 8 tokens")
+        if self.resume and self.overwrite:
+            raise ConfigError(f"resume={self.resume!r} and overwrite=true contradict each other; expected one of them")
         self.adapter_config()  # validates ranks, alphas, dropout, targets, groups
 
     def adapter_config(self) -> MSPLoRAConfig:

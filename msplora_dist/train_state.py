@@ -108,6 +108,29 @@ def find_resume_dir(output_dir: str | Path, resume: str, log=print) -> Path:
     raise CheckpointError(f"--resume latest: no valid checkpoint in {str(checkpoint_root(output_dir))!r}")
 
 
+def check_resume_compatible(directory: Path, adapter_config, hf_config: dict, world_size: int) -> None:
+    """Refuse, before anything is loaded, a checkpoint from another adapter layout, model or world size."""
+    from msplora_dist.checkpoint import read_adapter_config
+
+    saved, meta = read_adapter_config(directory / "adapter")
+    mine, theirs = adapter_config.to_dict(), saved.to_dict()
+    for key in ("ranks", "alphas", "target_modules", "groups", "use_rslora"):
+        if mine[key] != theirs[key]:
+            raise CheckpointError(f"--resume {str(directory)!r} has adapter {key}={theirs[key]}; this run has {key}={mine[key]}")
+    signature = meta["signature"]
+    for key, ours in (("model_type", hf_config.get("model_type")), ("hidden_size", hf_config.get("hidden_size")),
+                      ("num_layers", hf_config.get("num_hidden_layers"))):
+        if signature.get(key) != ours:
+            raise CheckpointError(f"--resume {str(directory)!r} was trained on a model with {key}={signature.get(key)!r}; "
+                                  f"--model has {key}={ours!r}")
+    state = json.loads((directory / "trainer_state.json").read_text())
+    if state.get("world_size") != world_size:
+        raise CheckpointError(
+            f"--resume {str(directory)!r} was written by {state.get('world_size')} ranks; this run has {world_size}. "
+            "Resume with the same number of ranks (the optimizer state is partitioned per rank)"
+        )
+
+
 def _is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
@@ -145,16 +168,12 @@ def save_checkpoint(engine, output_dir: str | Path, step: int, trainer_state: di
     return final
 
 
-def load_checkpoint(engine, directory: Path, world_size: int) -> dict:
-    """Restore adapters, optimizer, scheduler and this rank's RNG; returns trainer_state."""
+def load_checkpoint(engine, directory: Path) -> dict:
+    """Restore adapters, optimizer, scheduler and this rank's RNG; returns trainer_state. Check the
+    checkpoint with check_resume_compatible first."""
     from msplora_dist.checkpoint import load_adapter
 
     state = json.loads((directory / "trainer_state.json").read_text())
-    if state.get("world_size") != world_size:
-        raise CheckpointError(
-            f"--resume {str(directory)!r} was written by {state.get('world_size')} ranks; this run has {world_size}. "
-            "Resume with the same number of ranks (the optimizer state is partitioned per rank)"
-        )
     load_adapter(engine.module, directory / "adapter")
     engine.load_checkpoint(str(directory / "ds"), tag="state", load_module_strict=False,
                            load_optimizer_states=True, load_lr_scheduler_states=True)

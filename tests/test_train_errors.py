@@ -15,6 +15,7 @@ from tests.launch_utils import REPO, TRAIN, subprocess_env
 
 _spec = importlib.util.spec_from_file_location("train_script", TRAIN)
 train_script = importlib.util.module_from_spec(_spec)
+sys.modules["train_script"] = train_script  # dataclasses look their module up there
 _spec.loader.exec_module(train_script)
 
 

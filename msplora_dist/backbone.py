@@ -56,6 +56,9 @@ def load_tokenizer(path: str | Path):
         raise ConfigError(f"--model {str(path)!r}: no usable tokenizer ({err})") from None
     if tokenizer.eos_token_id is None:
         raise ConfigError(f"the tokenizer of {str(path)!r} has no eos token; expected one, so the model learns to stop")
+    # The trainer truncates to its own max_seq_len after tokenizing; the tokenizer's limit would only
+    # print a warning per long row.
+    tokenizer.model_max_length = 10**9
     if tokenizer.pad_token_id is None:
         # Padding is masked out of attention and loss, so any id works; eos is the usual choice.
         tokenizer.pad_token = tokenizer.eos_token

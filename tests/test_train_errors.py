@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 
@@ -106,3 +107,85 @@ def test_real_script_prints_one_line_and_no_traceback(tmp_path):
 @pytest.mark.parametrize("bad", ["--micro_batch_size=0", "--ranks=1,2", "--num_mid_groups=9"])
 def test_contradictory_adapter_settings(capsys, tmp_path, bad):
     assert_refused(*run_main(capsys, tmp_path, bad))
+
+
+def copy_tiny_model(tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(ASSETS / "tiny_llama", model)
+    return model
+
+
+def test_tokenizer_without_an_eos_token(capsys, tmp_path):
+    model = copy_tiny_model(tmp_path)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config["eos_token"] = None
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    assert_refused(*run_main(capsys, tmp_path, "--model", str(model)), "no eos token")
+
+
+def test_4bit_without_a_usable_bitsandbytes(capsys, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import bitsandbytes -> ImportError
+    assert_refused(*run_main(capsys, tmp_path, "--load_in_4bit", "true"), "--load_in_4bit needs a working bitsandbytes")
+
+
+def test_ds_config_that_is_not_json(capsys, tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text('{"zero_optimization": {"stage": 3,}}')
+    assert_refused(*run_main(capsys, tmp_path, "--ds_config", str(ds)), "is not valid JSON", "line 1")
+
+
+def test_every_row_longer_than_max_seq_len(capsys, tmp_path):
+    data = write_jsonl(tmp_path / "long.jsonl", [json.dumps({"instruction": "word " * 300, "input": "", "output": "x"})] * 3)
+    assert_refused(*run_main(capsys, tmp_path, "--data", str(data), "--max_seq_len", "64"), "max_seq_len=64")
+
+
+def test_zero_stage_0_is_refused(capsys, tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 0}}))
+    assert_refused(*run_main(capsys, tmp_path, "--ds_config", str(ds)), "stage=0", "expected 1, 2 or 3")
+
+
+def fake_checkpoint(output_dir, ranks=(8, 4, 2), targets=("q_proj", "v_proj"), hidden=None, world_size=1):
+    """A complete checkpoint of another run: its adapter (the real format) and trainer state."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from msplora_dist import MSPLoRAConfig, apply_msplora, save_adapter
+    from msplora_dist.train_state import _write_manifest
+
+    config = AutoConfig.from_pretrained(ASSETS / "tiny_llama")
+    if hidden:
+        config.hidden_size, config.head_dim = hidden, hidden // config.num_attention_heads
+    model = apply_msplora(AutoModelForCausalLM.from_config(config), MSPLoRAConfig(ranks=ranks, target_modules=targets, num_mid_groups=2))
+    path = output_dir / "checkpoints" / "step-00000002"
+    save_adapter(model, path / "adapter")
+    (path / "trainer_state.json").write_text(json.dumps({"step": 2, "world_size": world_size, "history": []}))
+    _write_manifest(path)
+    return path
+
+
+@pytest.mark.parametrize(("kwargs", "fragment"), [
+    ({"ranks": (4, 4, 2)}, "adapter ranks=[4, 4, 2]; this run has ranks=[8, 4, 2]"),
+    ({"targets": ("q_proj",)}, "adapter target_modules=['q_proj']"),
+    ({"hidden": 32}, "hidden_size=32"),
+    ({"world_size": 4}, "written by 4 ranks; this run has 1"),
+])
+def test_resume_from_a_checkpoint_of_another_layout_model_or_world(capsys, tmp_path, kwargs, fragment):
+    fake_checkpoint(tmp_path / "out", **kwargs)
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "out").rglob("*"))
+    code, err, _ = run_main(capsys, tmp_path, "--resume", "latest", "--ranks", "8,4,2", "--num_mid_groups", "2",
+                            "--target_modules", "q_proj,v_proj")
+    assert code == 2 and len(err) == 1 and fragment in err[0], err
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "out").rglob("*")) == before  # nothing touched
+
+
+def test_an_earlier_run_is_never_overwritten_by_accident(capsys, tmp_path):
+    ckpt = fake_checkpoint(tmp_path / "out")
+    before = {p: p.read_bytes() for p in ckpt.rglob("*") if p.is_file()}
+    code, err, _ = run_main(capsys, tmp_path)
+    assert code == 2 and "already holds ['checkpoints']" in err[0] and "--resume latest" in err[0]
+    assert {p: p.read_bytes() for p in ckpt.rglob("*") if p.is_file()} == before
+
+
+def test_resume_and_overwrite_together_contradict(capsys, tmp_path):
+    code, err, _ = run_main(capsys, tmp_path, "--resume", "latest", "--overwrite", "true")
+    assert code == 2 and "contradict" in err[0]

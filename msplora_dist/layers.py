@@ -77,35 +77,67 @@ class MSPLoRALinear(nn.Module):
         """The active levels' pairs, in the order of self.levels."""
         return self._pairs
 
+    def _cat_A(self, dtype: torch.dtype) -> torch.Tensor:
+        """[A_G; A_M; A_L] in `dtype`: one concatenation, then one cast (a cast is elementwise, so this is
+        bit for bit the concatenation of the cast pieces, in 2 kernels instead of one per level + 1)."""
+        if len(self._pairs) == 1:
+            return self._pairs[0].lora_A.to(dtype)
+        return torch.cat([p.lora_A for p in self._pairs], dim=0).to(dtype)
+
     def _scaled_B(self, dtype: torch.dtype) -> torch.Tensor:
-        # Scales are folded into B (out x r elements) rather than into the activations (tokens x r):
-        # cheaper for any batch of more than `out_features` tokens.
-        return torch.cat([p.lora_B.to(dtype) * s for p, s in zip(self._pairs, self.scales, strict=True)], dim=1)
+        """[s_G B_G, s_M B_M, s_L B_L] in `dtype`.
+
+        Scales are folded into B (out x r elements) rather than into the activations (tokens x r):
+        cheaper for any batch of more than `out_features` tokens. Values are exactly those of casting each
+        B to `dtype` and multiplying by its Python-float scale (the product is taken in float32 and
+        rounded once to `dtype`), in at most 4 kernels instead of 2 per level + 1."""
+        pairs, scales = self._pairs, self.scales
+        if len(pairs) == 1 or all(s == scales[0] for s in scales):
+            B = pairs[0].lora_B if len(pairs) == 1 else torch.cat([p.lora_B for p in pairs], dim=1)
+            return B.to(dtype) * scales[0]
+        B = torch.cat([p.lora_B for p in pairs], dim=1).to(dtype)
+        return (B * self._scale_row(B.device)).to(dtype)
+
+    def _scale_row(self, device: torch.device) -> torch.Tensor:
+        """(1, r) float32 row of each rank column's scale, cached per device and ranks."""
+        cache = self.__dict__.setdefault("_scale_rows", {})
+        key = (device, tuple(p.rank for p in self._pairs))
+        row = cache.get(key)
+        if row is None:
+            values = [s for p, s in zip(self._pairs, self.scales, strict=True) for _ in range(p.rank)]
+            row = cache[key] = torch.tensor(values, dtype=torch.float32, device=device).unsqueeze(0)
+        return row
+
+    def _hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., r) = [A_G d_G(x), A_M d_M(x), A_L d_L(x)]: one GEMM when no dropout applies."""
+        if not self.training or not any(self.dropout):
+            return F.linear(x, self._cat_A(x.dtype))
+        # Each level draws its own dropout mask, as three separate LoRA modules would.
+        return torch.cat([F.linear(F.dropout(x, p=d, training=True) if d else x, pair.lora_A.to(x.dtype))
+                          for pair, d in zip(self._pairs, self.dropout, strict=True)], dim=-1)
 
     def adapter_output(self, x: torch.Tensor) -> torch.Tensor:
         """sum_l s_l B_l A_l d_l(x), computed in x's dtype as one concatenated-rank GEMM pair when
         no dropout applies (eval, or p = 0 at every level)."""
-        dtype = x.dtype
-        if not self.training or not any(self.dropout):
-            A = torch.cat([p.lora_A.to(dtype) for p in self._pairs], dim=0)
-            hidden = F.linear(x, A)
-        else:
-            # Each level draws its own dropout mask, as three separate LoRA modules would.
-            hidden = torch.cat([F.linear(F.dropout(x, p=d, training=True) if d else x, pair.lora_A.to(dtype))
-                                for pair, d in zip(self._pairs, self.dropout, strict=True)], dim=-1)
-        return F.linear(hidden, self._scaled_B(dtype))
+        return F.linear(self._hidden(x), self._scaled_B(x.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
         if self.merged or not self.adapter_enabled or not self._pairs:
             return out
-        return out + self.adapter_output(x).to(out.dtype)
+        if out.dtype != x.dtype or out.device.type == "meta":
+            return out + self.adapter_output(x).to(out.dtype)
+        # out + hidden B^T as one GEMM whose epilogue adds `out` (addmm, beta = 1): saves writing the
+        # (tokens x out) update and reading it back for a separate add, in the forward and in every
+        # recomputation under gradient checkpointing. The sum is rounded once instead of twice.
+        hidden = self._hidden(x)
+        B = self._scaled_B(x.dtype)
+        return torch.addmm(out.reshape(-1, out.shape[-1]), hidden.reshape(-1, hidden.shape[-1]), B.t()).view(out.shape)
 
     @torch.no_grad()
     def delta_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The update sum_l s_l B_l A_l as an (out_features, in_features) matrix."""
-        A = torch.cat([p.lora_A.to(dtype) for p in self._pairs], dim=0)
-        return self._scaled_B(dtype) @ A
+        return self._scaled_B(dtype) @ self._cat_A(dtype)
 
     @torch.no_grad()
     def merge(self, keep_original: bool = True) -> None:

@@ -157,6 +157,24 @@ def read_adapter_config(path: str | os.PathLike) -> tuple[MSPLoRAConfig, dict]:
     return config, meta
 
 
+def read_adapter_weights(path: str | os.PathLike, meta: dict) -> dict[str, torch.Tensor]:
+    """The tensors of adapter directory `path`, after checking the file against the sha256 that
+    `meta` (its msplora_config.json) records."""
+    weights_file = Path(path) / WEIGHTS_NAME
+    if not weights_file.is_file():
+        raise CheckpointError(f"{str(weights_file)!r} is missing; expected the adapter weights beside {CONFIG_NAME}")
+    expected_sha = meta.get("weights_sha256")
+    if expected_sha is not None and sha256_file(weights_file) != expected_sha:
+        raise CheckpointError(
+            f"{str(weights_file)!r} does not match the sha256 recorded in {CONFIG_NAME}; the file is corrupt or was replaced"
+        )
+    try:
+        return load_file(weights_file)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointError(f"{str(weights_file)!r} is not a readable safetensors file ({reason})") from None
+
+
 def _check_signature(ours: dict, meta: dict, path: Path) -> None:
     saved = meta["signature"]
     for key in ("model_type", "hidden_size", "num_layers"):
@@ -188,19 +206,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         ours = existing.model_signature
     _check_signature(ours, meta, path)
 
+    state = read_adapter_weights(path, meta)
     weights_file = path / WEIGHTS_NAME
-    if not weights_file.is_file():
-        raise CheckpointError(f"{str(weights_file)!r} is missing; expected the adapter weights beside {CONFIG_NAME}")
-    expected_sha = meta.get("weights_sha256")
-    if expected_sha is not None and sha256_file(weights_file) != expected_sha:
-        raise CheckpointError(
-            f"{str(weights_file)!r} does not match the sha256 recorded in {CONFIG_NAME}; the file is corrupt or was replaced"
-        )
-    try:
-        state = load_file(weights_file)
-    except (SafetensorError, OSError) as err:
-        raise CheckpointError(f"{str(weights_file)!r} is not a readable safetensors file ({err})") from None
-
     if existing is None:
         model = apply_msplora(model, config)
     params = dict(get_hierarchy(model).named_parameters())

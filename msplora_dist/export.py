@@ -31,7 +31,13 @@ from pathlib import Path
 
 import torch
 
-from msplora_dist.checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config, sha256_file, write_dir_atomically
+from msplora_dist.checkpoint import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    read_adapter_config,
+    read_adapter_weights,
+    write_dir_atomically,
+)
 from msplora_dist.config import LEVELS, MSPLoRAConfig, group_of_layer
 from msplora_dist.errors import CheckpointError, ConfigError
 from msplora_dist.zero import gathered
@@ -92,9 +98,6 @@ def serving_commands(out_dir: str | os.PathLike, max_lora_rank: int, base: str |
 def read_adapter(adapter_dir: str | os.PathLike) -> tuple[MSPLoRAConfig, dict, dict[str, torch.Tensor]]:
     """(config with explicit groups, metadata, tensors) of a saved adapter, every tensor checked against the
     config: expected keys, shapes, floating point and finite. Raises CheckpointError otherwise."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = Path(adapter_dir)
     config, meta = read_adapter_config(path)
     num_layers = meta["num_layers"]
@@ -107,18 +110,7 @@ def read_adapter(adapter_dir: str | os.PathLike) -> tuple[MSPLoRAConfig, dict, d
     features = _saved_features(meta, config, path)
 
     weights_file = path / WEIGHTS_NAME
-    if not weights_file.is_file():
-        raise CheckpointError(f"{str(weights_file)!r} is missing; expected the adapter weights beside {CONFIG_NAME}")
-    expected_sha = meta.get("weights_sha256")
-    if expected_sha is not None and sha256_file(weights_file) != expected_sha:
-        raise CheckpointError(
-            f"{str(weights_file)!r} does not match the sha256 recorded in {CONFIG_NAME}; the file is corrupt or was replaced"
-        )
-    try:
-        state = load_file(weights_file)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise CheckpointError(f"{str(weights_file)!r} is not a readable safetensors file ({reason})") from None
+    state = read_adapter_weights(path, meta)
 
     expected = _expected_shapes(config, num_layers, features)
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))

@@ -32,6 +32,7 @@ from msplora_dist.export import (
     vllm_max_lora_rank,
 )
 from msplora_dist.layers import MSPLoRALinear
+from tests.char_tokenizer import char_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 EXPORT_SCRIPT = REPO / "launch" / "export.py"
@@ -41,19 +42,6 @@ TINY = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_atten
 # bitsandbytes' CPU kernels want in_features a multiple of the 64-element quantization block.
 TINY_4BIT = dict(TINY, hidden_size=64, intermediate_size=128)
 ALL7 = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def char_tokenizer():
-    """A 100-token character-level tokenizer (4 specials + printable ASCII + newline), no files needed."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    tokens = ["<unk>", "<s>", "</s>", "<pad>"] + [chr(i) for i in range(32, 127)] + ["\n"]
-    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
 
 
 def save_base(path: Path, *, seed: int = 0, tokenizer: bool = True, **overrides) -> Path:

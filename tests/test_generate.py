@@ -17,6 +17,7 @@ import torch
 
 from msplora_dist import MSPLoRAConfig, apply_msplora, get_hierarchy, load_adapter, save_adapter
 from msplora_dist.prompts import DEFAULT_CHAT_TEMPLATE, alpaca_prompt
+from tests.char_tokenizer import char_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 GENERATE_SCRIPT = REPO / "launch" / "generate.py"
@@ -24,19 +25,6 @@ GENERATE_SCRIPT = REPO / "launch" / "generate.py"
 TINY = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=100, max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=False,
             bos_token_id=1, eos_token_id=2, pad_token_id=3)
-
-
-def char_tokenizer():
-    """A 100-token character-level tokenizer (4 specials + printable ASCII + newline), no files needed."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    tokens = ["<unk>", "<s>", "</s>", "<pad>"] + [chr(i) for i in range(32, 127)] + ["\n"]
-    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
 
 
 def save_base(path: Path, *, seed: int = 0, **overrides) -> Path:

@@ -284,6 +284,10 @@ def train(cfg: TrainConfig) -> dict:
     if rank == 0:
         save_config_yaml(cfg, output_dir / "train_config.yaml")
         write_file_atomically(output_dir / "ds_config.json", json.dumps(plan.ds_config, indent=2))
+    backbone = f"{plan.dtype}, 4-bit backbone" if cfg.load_in_4bit else plan.dtype
+    log(f"run: {plan.total_steps} steps of a global batch of {plan.sampler.global_batch} (micro {cfg.micro_batch_size} x accum "
+        f"{cfg.grad_accum} x {world} ranks), ZeRO-{zero_stage(plan.ds_config)}, {backbone}, lr {cfg.lr:g}; "
+        f"full config in {output_dir / 'train_config.yaml'}")
     step, history = 0, []
     if plan.resume_dir is not None:
         state = load_checkpoint(engine, plan.resume_dir)

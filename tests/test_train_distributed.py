@@ -68,6 +68,13 @@ def test_zero2_two_ranks_match_one_rank_with_accumulation(reference, tmp_path):
     assert summary(tmp_path)["replicas_identical"] is True
 
 
+def test_zero3_offload_config_two_ranks_match_one_rank(reference, tmp_path):
+    run_train(tmp_path, "--ds_config", "ds_configs/zero3_offload.json", "--micro_batch_size", "2", "--grad_accum", "2",
+              *COMMON, nproc=2)
+    assert_same_training(tmp_path, reference)
+    assert summary(tmp_path)["replicas_identical"] is True
+
+
 def test_zero3_4bit_backbone_two_ranks_match_one_rank(tmp_path):
     four_bit = [*COMMON, "--load_in_4bit", "true", "--ds_config", ZERO3]
     ref = tmp_path / "ref"

@@ -21,6 +21,7 @@ file (`--config run.yaml`); flags override it. `python launch/train.py ...` runs
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -166,10 +167,13 @@ def peak_memory_gb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-def adapter_digest(model) -> torch.Tensor:
-    """A per-rank fingerprint of the adapter values (float64 sums), to prove replicas agree."""
-    params = adapter_params(model)
-    return torch.stack([p.detach().double().sum() for p in params.values()] + [p.detach().double().abs().sum() for p in params.values()])
+def adapter_digest(model) -> str:
+    """sha256 of this rank's adapter tensors, byte for byte, to prove the replicas are identical."""
+    digest = hashlib.sha256()
+    for name, param in sorted(adapter_params(model).items()):
+        digest.update(name.encode())
+        digest.update(param.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def backbone_partition(model, world: int, device) -> dict:
@@ -386,10 +390,9 @@ def finish(cfg: TrainConfig, engine, history: list[dict], plan: Plan, rank: int,
     """Check the replicas agree, write the final adapter, the analysis report and summary.json."""
     output_dir = Path(cfg.output_dir)
     # The shared adapters must be bit-identical on every rank: check the fingerprints agree.
-    digest = adapter_digest(engine.module).to(device)
-    digests = [torch.zeros_like(digest) for _ in range(world)]
-    dist.all_gather(digests, digest)
-    replicas_identical = all(torch.equal(d, digests[0]) for d in digests)
+    digests = [None] * world
+    dist.all_gather_object(digests, adapter_digest(engine.module))
+    replicas_identical = len(set(digests)) == 1
     if not replicas_identical:
         raise RuntimeError("the adapter replicas differ across ranks after training; this is a bug, please report it")
     save_adapter(engine.module, output_dir / "adapter")

@@ -77,49 +77,73 @@ class MSPLoRALinear(nn.Module):
         """The active levels' pairs, in the order of self.levels."""
         return self._pairs
 
-    def _cat_A(self, dtype: torch.dtype) -> torch.Tensor:
-        """[A_G; A_M; A_L] in `dtype`: one concatenation, then one cast (a cast is elementwise, so this is
-        bit for bit the concatenation of the cast pieces, in 2 kernels instead of one per level + 1)."""
-        if len(self._pairs) == 1:
-            return self._pairs[0].lora_A.to(dtype)
-        return torch.cat([p.lora_A for p in self._pairs], dim=0).to(dtype)
+    def _pads(self, x: torch.Tensor, per_level: bool) -> tuple[int, ...]:
+        """Zero rank columns to append after each level so that the GEMMs see rank dimensions that are multiples
+        of RANK_ALIGN (CUDA only). per_level: each level's own GEMM (dropout path); else only the total."""
+        if x.device.type not in PAD_DEVICE_TYPES:
+            return (0,) * len(self._pairs)
+        if per_level:
+            return tuple(-p.rank % RANK_ALIGN for p in self._pairs)
+        return (0,) * (len(self._pairs) - 1) + (-sum(p.rank for p in self._pairs) % RANK_ALIGN,)
 
-    def _scaled_B(self, dtype: torch.dtype) -> torch.Tensor:
-        """[s_G B_G, s_M B_M, s_L B_L] in `dtype`.
+    def _cat_A(self, dtype: torch.dtype, pads: tuple[int, ...] | None = None) -> torch.Tensor:
+        """[A_G; A_M; A_L] (with `pads` zero rows after each level) in `dtype`: one concatenation, then one cast
+        (a cast is elementwise, so this is bit for bit the concatenation of the cast pieces)."""
+        pieces = []
+        for pair, pad in zip(self._pairs, pads or (0,) * len(self._pairs), strict=True):
+            pieces.append(pair.lora_A)
+            if pad:
+                pieces.append(_zeros(pad, self.in_features, pair.lora_A))
+        return (pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)).to(dtype)
+
+    def _scaled_B(self, dtype: torch.dtype, pads: tuple[int, ...] | None = None) -> torch.Tensor:
+        """[s_G B_G, s_M B_M, s_L B_L] (with `pads` zero columns after each level) in `dtype`.
 
         Scales are folded into B (out x r elements) rather than into the activations (tokens x r):
         cheaper for any batch of more than `out_features` tokens. Values are exactly those of casting each
         B to `dtype` and multiplying by its Python-float scale (the product is taken in float32 and
         rounded once to `dtype`), in at most 4 kernels instead of 2 per level + 1."""
         pairs, scales = self._pairs, self.scales
-        if len(pairs) == 1 or all(s == scales[0] for s in scales):
-            B = pairs[0].lora_B if len(pairs) == 1 else torch.cat([p.lora_B for p in pairs], dim=1)
-            return B.to(dtype) * scales[0]
-        B = torch.cat([p.lora_B for p in pairs], dim=1).to(dtype)
-        return (B * self._scale_row(B.device)).to(dtype)
+        pads = pads or (0,) * len(pairs)
+        pieces = []
+        for pair, pad in zip(pairs, pads, strict=True):
+            pieces.append(pair.lora_B)
+            if pad:
+                pieces.append(_zeros(self.out_features, pad, pair.lora_B))
+        B = (pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)).to(dtype)
+        if all(s == scales[0] for s in scales):
+            return B * scales[0]
+        return (B * self._scale_row(B.device, pads, torch.promote_types(dtype, torch.float32))).to(dtype)
 
-    def _scale_row(self, device: torch.device) -> torch.Tensor:
-        """(1, r) float32 row of each rank column's scale, cached per device and ranks."""
+    def _scale_row(self, device: torch.device, pads: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """(1, r) row of each rank column's scale (0 for padding) in `dtype` (float32, or float64 for
+        delta_weight in float64), cached per device, ranks, pads and dtype."""
         cache = self.__dict__.setdefault("_scale_rows", {})
-        key = (device, tuple(p.rank for p in self._pairs))
+        key = (device, tuple(p.rank for p in self._pairs), pads, dtype)
         row = cache.get(key)
         if row is None:
-            values = [s for p, s in zip(self._pairs, self.scales, strict=True) for _ in range(p.rank)]
-            row = cache[key] = torch.tensor(values, dtype=torch.float32, device=device).unsqueeze(0)
+            values = [v for p, s, pad in zip(self._pairs, self.scales, pads, strict=True) for v in [s] * p.rank + [0.0] * pad]
+            row = cache[key] = torch.tensor(values, dtype=dtype, device=device).unsqueeze(0)
         return row
 
-    def _hidden(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., r) = [A_G d_G(x), A_M d_M(x), A_L d_L(x)]: one GEMM when no dropout applies."""
+    def _hidden(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """(..., r) = [A_G d_G(x), A_M d_M(x), A_L d_L(x)] (one GEMM when no dropout applies), and the zero
+        columns it carries after each level."""
         if not self.training or not any(self.dropout):
-            return F.linear(x, self._cat_A(x.dtype))
+            pads = self._pads(x, per_level=False)
+            return F.linear(x, self._cat_A(x.dtype, pads)), pads
         # Each level draws its own dropout mask, as three separate LoRA modules would.
-        return torch.cat([F.linear(F.dropout(x, p=d, training=True) if d else x, pair.lora_A.to(x.dtype))
-                          for pair, d in zip(self._pairs, self.dropout, strict=True)], dim=-1)
+        pads = self._pads(x, per_level=True)
+        hidden = [F.linear(F.dropout(x, p=d, training=True) if d else x,
+                           (torch.cat([pair.lora_A, _zeros(pad, self.in_features, pair.lora_A)]) if pad else pair.lora_A).to(x.dtype))
+                  for pair, d, pad in zip(self._pairs, self.dropout, pads, strict=True)]
+        return torch.cat(hidden, dim=-1), pads
 
     def adapter_output(self, x: torch.Tensor) -> torch.Tensor:
         """sum_l s_l B_l A_l d_l(x), computed in x's dtype as one concatenated-rank GEMM pair when
         no dropout applies (eval, or p = 0 at every level)."""
-        return F.linear(self._hidden(x), self._scaled_B(x.dtype))
+        hidden, pads = self._hidden(x)
+        return F.linear(hidden, self._scaled_B(x.dtype, pads))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
@@ -130,8 +154,8 @@ class MSPLoRALinear(nn.Module):
         # out + hidden B^T as one GEMM whose epilogue adds `out` (addmm, beta = 1): saves writing the
         # (tokens x out) update and reading it back for a separate add, in the forward and in every
         # recomputation under gradient checkpointing. The sum is rounded once instead of twice.
-        hidden = self._hidden(x)
-        B = self._scaled_B(x.dtype)
+        hidden, pads = self._hidden(x)
+        B = self._scaled_B(x.dtype, pads)
         return torch.addmm(out.reshape(-1, out.shape[-1]), hidden.reshape(-1, hidden.shape[-1]), B.t()).view(out.shape)
 
     @torch.no_grad()
@@ -166,6 +190,26 @@ class MSPLoRALinear(nn.Module):
         parts = ", ".join(f"{LEVELS[lv]}: r={p.rank} s={s:g} p={d:g}"
                           for lv, p, s, d in zip(self.levels, self._pairs, self.scales, self.dropout, strict=True))
         return f"in_features={self.in_features}, out_features={self.out_features}, {parts}"
+
+
+RANK_ALIGN = 8
+"""On CUDA the concatenated rank is padded with zero columns to a multiple of this: a bf16 GEMM whose rank
+dimension is not a multiple of 8 elements (16 bytes) leaves cuBLAS's fast tensor-core kernels (measured in
+docs/benchmarks.md). The zeros add exact zeros: outputs and gradients are those without padding up to the
+order of float summation inside the GEMM."""
+PAD_DEVICE_TYPES = {"cuda"}
+"""Device types on which the rank is padded (tests add "cpu" to check that padding changes nothing)."""
+
+_ZEROS: dict[tuple, torch.Tensor] = {}
+
+
+def _zeros(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
+    """A cached, never-written (rows, cols) zero block with like's dtype and device (padding for torch.cat)."""
+    key = (rows, cols, like.dtype, like.device)
+    block = _ZEROS.get(key)
+    if block is None:
+        block = _ZEROS[key] = torch.zeros(rows, cols, dtype=like.dtype, device=like.device)
+    return block
 
 
 def _dense_weight(base: nn.Module) -> torch.Tensor:

@@ -1,0 +1,518 @@
+"""The quality test's experiment grid: LoRA against MSPLoRA on the docstring task, run with launch/train.py.
+
+Run after pretrain.py and make_task.py, on the same root (each cell is one `python launch/train.py` run,
+ZeRO-2, one GPU; finished cells are skipped, so repeated calls continue the grid):
+
+    python launch/quality/grid.py --root runs/quality --dry_run                       # the plan, parameter counts
+    python launch/quality/grid.py --root runs/quality --jobs 4 --deadline_s 500      # one device call
+    python launch/quality/grid.py --root runs/quality --status                       # what is done, best LRs
+    python launch/quality/grid.py --root runs/quality-smoke --arms lora_qv_r64,msp_qv_paper --lrs 1e-3 \\
+        --seeds 0 --steps 4 --micro_batch_size 4 --eval_steps 2                       # CPU smoke (2 cells)
+
+Arms (alpha 16 and dropout 0.05 at every level, 3 mid groups: the paper's settings; plain LoRA is MSPLoRA
+with ranks (0, 0, r), i.e. one layer-specific pair per layer, exactly LoRA):
+    lora_qv_r64        LoRA r=64 on q_proj, v_proj                       (the paper's LoRA baseline)
+    msp_qv_paper       MSPLoRA (64, 32, 16) on q_proj, v_proj            (the paper's MSPLoRA)
+    msp_qv_eq_lora64   MSPLoRA at the paper's 4:2:1 rank shape, scaled to lora_qv_r64's parameters
+    lora_qv_eq_paper   LoRA at msp_qv_paper's parameters
+    lora_all_r16       LoRA r=16 on every linear projection
+    msp_all_eq_lora16  MSPLoRA at 4:2:1, scaled to lora_all_r16's parameters
+Matched arms come from match_msplora_ranks/match_lora_rank (msplora_dist.count_params), within --tol (3%).
+
+Protocol: every cell trains the same number of steps on the same global batches (the data order depends on
+the seed only), so every arm sees the same tokens. Phase "lr": each arm at each of --lrs with seed
+--search_seed, evaluated on task/dev.jsonl; the arm's learning rate is the one with the lowest final dev loss
+(a diverged or failed cell counts as +inf; with --retry_errors failed cells rerun first). Phase "final":
+each arm at its learning rate with each of --seeds, evaluated on task/test.jsonl: those are the reported
+numbers (test is never used for any choice). Cells run lr phase first, then seed by seed over all arms, so a
+grid cut short still compares every arm on the same seeds.
+
+Each cell writes its trainer output in grid/cells/<cell>/ (adapter/, summary.json, train.log) and, last,
+grid/cells/<cell>/result.json (status ok / diverged / error, final and base eval loss, eval curve, trainable
+parameters, tokens/s, wall time, the exact command). A cell with a result.json is done; cells cut off by the
+deadline leave none and rerun next time (--overwrite restarts them). --deadline_s: no cell starts that would
+not finish in time (its length is estimated from finished cells, or --cell_estimate_s), and a running cell
+still going at the deadline is killed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import math
+import os
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import qlib
+
+qlib.add_repo_to_path()
+
+from msplora_dist import ALL_LINEAR_TARGETS, MSPLoRAConfig, count_params  # noqa: E402
+from msplora_dist.backbone import projection_features  # noqa: E402
+
+QV = ("q_proj", "v_proj")
+PAPER_RANKS = (64, 32, 16)
+PAPER_SHAPE = (4, 2, 1)
+DEFAULT_LRS = (3e-4, 1e-3, 3e-3)
+DONE_STATUSES = ("ok", "diverged")
+
+
+# --- arms and parameter matching -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    ranks: tuple[int, int, int]
+    targets: tuple[str, ...]
+    params: int
+    note: str = ""
+    matched_to: str | None = None
+
+    @property
+    def kind(self) -> str:
+        return "LoRA" if self.ranks[0] == 0 and self.ranks[1] == 0 else "MSPLoRA"
+
+
+def trainable_params(ranks, targets, features: dict, num_layers: int, groups: int) -> int:
+    cfg = MSPLoRAConfig(ranks=tuple(ranks), target_modules=tuple(targets), num_mid_groups=groups)
+    return count_params(cfg, num_layers, {t: features[t] for t in targets}).total
+
+
+def match_lora_rank(target: int, targets, features: dict, num_layers: int, groups: int) -> tuple[int, int, int]:
+    """LoRA (0, 0, r) with the parameter count closest to target."""
+    per_rank = trainable_params((0, 0, 1), targets, features, num_layers, groups)
+    return (0, 0, max(1, round(target / per_rank)))
+
+
+def match_msplora_ranks(target: int, targets, features: dict, num_layers: int, groups: int, shape=PAPER_SHAPE,
+                        tol: float = 0.03) -> tuple[int, int, int]:
+    """Pyramid ranks (g >= m >= l >= 1) within tol of target parameters, the closest to the rank shape
+    (paper 4:2:1) in log ratio; ties: the closer count, then the smaller total rank. Parameters are
+    width * (g + G m + L l), so this searches the integer solutions of that sum."""
+    width = trainable_params((1, 0, 0), targets, features, num_layers, groups)  # sum of in + out over targets
+    want = target / width
+    best = None
+    for low in range(1, int(want / num_layers) + 2):
+        for mid in range(low, int((want - num_layers * low) / groups) + 2):
+            top = round(want - groups * mid - num_layers * low)
+            if top < mid:
+                continue
+            n = width * (top + groups * mid + num_layers * low)
+            err = abs(n - target) / target
+            if err > tol:
+                continue
+            shape_err = ((math.log(top / mid) - math.log(shape[0] / shape[1])) ** 2
+                         + (math.log(mid / low) - math.log(shape[1] / shape[2])) ** 2)
+            key = (round(shape_err, 9), err, top + mid + low)
+            if best is None or key < best[0]:
+                best = (key, (top, mid, low))
+    if best is None:
+        raise ValueError(f"no pyramid ranks within {tol:.0%} of {target} parameters on {targets}")
+    return best[1]
+
+
+def define_arms(features: dict, num_layers: int, groups: int = 3, tol: float = 0.03) -> list[Arm]:
+    def arm(name, ranks, targets, note, matched_to=None):
+        return Arm(name, tuple(ranks), tuple(targets), trainable_params(ranks, targets, features, num_layers, groups), note, matched_to)
+
+    lora64 = arm("lora_qv_r64", (0, 0, 64), QV, "the paper's LoRA baseline (r=64 on q, v)")
+    paper = arm("msp_qv_paper", PAPER_RANKS, QV, "the paper's MSPLoRA (64, 32, 16) on q, v")
+    msp64 = arm("msp_qv_eq_lora64", match_msplora_ranks(lora64.params, QV, features, num_layers, groups, tol=tol), QV,
+                "MSPLoRA 4:2:1 at LoRA r=64's parameters", "lora_qv_r64")
+    lora_p = arm("lora_qv_eq_paper", match_lora_rank(paper.params, QV, features, num_layers, groups), QV,
+                 "LoRA at the paper MSPLoRA's parameters", "msp_qv_paper")
+    lora16 = arm("lora_all_r16", (0, 0, 16), ALL_LINEAR_TARGETS, "LoRA r=16 on all linear projections")
+    msp16 = arm("msp_all_eq_lora16", match_msplora_ranks(lora16.params, ALL_LINEAR_TARGETS, features, num_layers, groups, tol=tol),
+                ALL_LINEAR_TARGETS, "MSPLoRA 4:2:1 at LoRA all-linear r=16's parameters", "lora_all_r16")
+    return [lora64, paper, msp64, lora_p, lora16, msp16]
+
+
+# --- cells ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Protocol:
+    """Everything every cell shares (recorded in grid/grid.json and each result)."""
+
+    steps: int = 300
+    micro_batch_size: int = 16
+    grad_accum: int = 1
+    max_seq_len: int = 512
+    warmup_ratio: float = 0.05
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    eval_steps: int = 50
+    alphas: float = 16.0
+    dropout: float = 0.05
+    num_mid_groups: int = 3
+    ds_config: str = "ds_configs/zero2.json"
+    attn_implementation: str = "sdpa"
+
+
+@dataclass
+class Cell:
+    arm: str
+    phase: str  # "lr" (dev) or "final" (test)
+    lr: float
+    seed: int
+    name: str = field(init=False)
+
+    def __post_init__(self):
+        self.name = f"{self.arm}__{self.phase}__lr{self.lr:g}__s{self.seed}"
+
+    @property
+    def eval_split(self) -> str:
+        return "dev" if self.phase == "lr" else "test"
+
+
+def cell_dir(grid_dir: Path, name: str) -> Path:
+    return grid_dir / "cells" / name
+
+
+def load_result(grid_dir: Path, name: str) -> dict | None:
+    path = cell_dir(grid_dir, name) / "result.json"
+    return qlib.read_json(path) if path.exists() else None
+
+
+def best_lr(grid_dir: Path, arm: str, lrs, search_seed: int) -> tuple[float | None, bool]:
+    """(the lr with the lowest final dev loss, whether the search is complete: every lr cell has a result;
+    a diverged or failed cell counts as +inf, and the report lists it)."""
+    if len(lrs) == 1:
+        return lrs[0], True
+    results = [load_result(grid_dir, Cell(arm, "lr", lr, search_seed).name) for lr in lrs]
+    complete = all(r is not None for r in results)
+    scored = [(r["final_eval_loss"], r["lr"]) for r in results
+              if r is not None and r["status"] == "ok" and r["final_eval_loss"] is not None and math.isfinite(r["final_eval_loss"])]
+    return (min(scored)[1] if scored and complete else None), complete
+
+
+def planned_cells(grid_dir: Path, arms: list[Arm], lrs, seeds, search_seed: int) -> list[Cell]:
+    """Every cell whose configuration is known now, in run order (lr phase, then seed by seed)."""
+    cells = [Cell(a.name, "lr", lr, search_seed) for a in arms for lr in lrs] if len(lrs) > 1 else []
+    for seed in seeds:
+        for a in arms:
+            lr, _ = best_lr(grid_dir, a.name, lrs, search_seed)
+            if lr is not None:
+                cells.append(Cell(a.name, "final", lr, seed))
+    return cells
+
+
+def is_done(result: dict | None, retry_errors: bool) -> bool:
+    return result is not None and (result["status"] in DONE_STATUSES or not retry_errors)
+
+
+def repo_relative(path: Path) -> str:
+    """Paths inside the checkout relative to it (the trainer runs from the repo root), so a recorded
+    command reads the same on every machine."""
+    path = Path(path).absolute()
+    try:
+        return path.relative_to(qlib.REPO).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def train_command(cell: Cell, arm: Arm, proto: Protocol, root: Path, grid_dir: Path) -> list[str]:
+    ranks = ",".join(map(str, arm.ranks))
+    return [sys.executable, "launch/train.py",
+            "--ds_config", proto.ds_config, "--model", repo_relative(root / "base"),
+            "--data", repo_relative(root / "task" / "train.jsonl"),
+            "--eval_data", repo_relative(root / "task" / f"{cell.eval_split}.jsonl"),
+            "--output_dir", repo_relative(cell_dir(grid_dir, cell.name)), "--overwrite", "true",
+            "--ranks", ranks, "--alphas", str(proto.alphas), "--dropout", str(proto.dropout),
+            "--num_mid_groups", str(proto.num_mid_groups), "--target_modules", ",".join(arm.targets),
+            "--max_steps", str(proto.steps), "--micro_batch_size", str(proto.micro_batch_size), "--grad_accum", str(proto.grad_accum),
+            "--lr", f"{cell.lr:g}", "--warmup_ratio", str(proto.warmup_ratio), "--min_lr_ratio", str(proto.min_lr_ratio),
+            "--weight_decay", str(proto.weight_decay), "--max_grad_norm", str(proto.max_grad_norm), "--seed", str(cell.seed),
+            "--max_seq_len", str(proto.max_seq_len), "--eval_steps", str(proto.eval_steps), "--save_steps", "0",
+            "--keep_last", "1", "--log_steps", "10", "--analyze", "false", "--attn_implementation", proto.attn_implementation]
+
+
+def cell_env(slot: int, jobs: int, gpus: list[str] | None) -> dict:
+    env = dict(os.environ)
+    env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(qlib.REPO), env.get("PYTHONPATH", "")])),
+               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONUNBUFFERED="1")
+    if gpus:
+        env["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
+    if not _cuda_available():
+        env.setdefault("DS_ACCELERATOR", "cpu")
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, jobs)))
+    return env
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+def summarize_cell(cell: Cell, arm: Arm, proto: Protocol, returncode: int, wall_s: float, command: list[str], jobs: int,
+                   out_dir: Path) -> dict:
+    """result.json of one finished trainer run."""
+    summary_path = out_dir / "summary.json"
+    summary = qlib.read_json(summary_path) if summary_path.exists() and returncode == 0 else None
+    status = "ok" if returncode == 0 and summary else "diverged" if returncode == 3 else "error"
+    result = {"name": cell.name, "arm": arm.name, "kind": arm.kind, "phase": cell.phase, "eval_split": cell.eval_split,
+              "lr": cell.lr, "seed": cell.seed, "status": status, "returncode": returncode,
+              "ranks": list(arm.ranks), "targets": list(arm.targets), "trainable_params": arm.params, "matched_to": arm.matched_to,
+              "wall_s": round(wall_s, 2), "concurrent_jobs": jobs, "protocol": asdict(proto),
+              "command": shlex.join(["python", *command[1:]]), "python_executable": command[0],
+              "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "env": qlib.env_info()}
+    if summary:
+        history = summary["history"]
+        evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+        tps = [h["tokens_per_s"] for h in history if "tokens_per_s" in h and h["step"] > 2]
+        result.update(final_eval_loss=summary["final_eval_loss"], base_eval_loss=summary["first_eval_loss"],
+                      final_train_loss=summary["final_loss"], steps=summary["steps"], global_batch=summary["global_batch"],
+                      skipped_steps=summary["skipped_steps"], dtype=summary["dtype"], eval_curve=evals,
+                      tokens_per_s_median=round(statistics.median(tps), 1) if tps else None,
+                      peak_mem_gb=max((h.get("peak_mem_gb", 0) for h in history), default=None))
+    else:
+        result["final_eval_loss"] = None
+        log_path = out_dir / "train.log"
+        if log_path.exists():
+            result["log_tail"] = log_path.read_text(errors="replace")[-3000:]
+    return result
+
+
+# --- the scheduler --------------------------------------------------------------------------------------
+
+@dataclass
+class Running:
+    cell: Cell
+    proc: subprocess.Popen
+    started: float
+    command: list[str]
+    slot: int
+    log_file: object
+
+
+def cell_estimate(grid_dir: Path, default: float) -> float:
+    """Seconds one cell takes: the slowest of the 12 cells that finished last (with a margin), else default."""
+    cells = grid_dir / "cells"
+    done = [qlib.read_json(p) for p in sorted(cells.glob("*/result.json"))] if cells.exists() else []
+    walls = [r["wall_s"] for r in sorted(done, key=lambda r: r.get("finished_at", "")) if r["status"] == "ok"]
+    return 1.15 * max(walls[-12:]) if walls else default
+
+
+def kill(proc: subprocess.Popen) -> None:
+    """End a cell's trainer and its children (their own process group, started by us)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=10)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+class GridRun:
+    """One invocation's scheduler: start runnable cells while slots and time remain, reap them, write
+    their results; on the deadline or a signal, end the cells still running (they rerun next time)."""
+
+    def __init__(self, args, arms: list[Arm], proto: Protocol, log):
+        self.args, self.proto, self.log = args, proto, log
+        self.arms, self.arm_by_name = arms, {a.name: a for a in arms}
+        self.grid_dir = args.root / "grid"
+        self.t0 = time.perf_counter()
+        self.deadline = self.t0 + args.deadline_s if args.deadline_s else None
+        self.running: list[Running] = []
+        self.started: set[str] = set()
+        self.free_slots = list(range(args.jobs))
+        self.counts = {"ran": 0, "ok": 0, "failed": 0, "killed": 0}
+
+    def pending(self, skip_started: bool = True) -> list[Cell]:
+        a = self.args
+        cells = planned_cells(self.grid_dir, self.arms, a.lrs, a.seeds, a.search_seed)
+        cells = [c for c in cells if (a.phase == "all" or c.phase == a.phase)
+                 and (not a.only or any(fnmatch.fnmatch(c.name, pat) for pat in a.only))]
+        return [c for c in cells if not (skip_started and c.name in self.started)
+                and not is_done(load_result(self.grid_dir, c.name), a.retry_errors)]
+
+    def _release(self, r: Running) -> None:
+        r.log_file.close()
+        self.running.remove(r)
+        self.free_slots.append(r.slot)
+
+    def reap(self) -> None:
+        for r in list(self.running):
+            rc = r.proc.poll()
+            if rc is None:
+                if self.deadline and time.perf_counter() > self.deadline:
+                    self.log(f"deadline: killing {r.cell.name} after {time.perf_counter() - r.started:.0f} s (it reruns next time)")
+                    kill(r.proc)
+                    self._release(r)
+                    self.counts["killed"] += 1
+                continue
+            self._release(r)
+            wall = time.perf_counter() - r.started
+            out_dir = cell_dir(self.grid_dir, r.cell.name)
+            result = summarize_cell(r.cell, self.arm_by_name[r.cell.arm], self.proto, rc, wall, r.command, self.args.jobs, out_dir)
+            qlib.write_json(out_dir / "result.json", result)
+            self.counts["ran"] += 1
+            self.counts["ok" if result["status"] == "ok" else "failed"] += 1
+            loss = result.get("final_eval_loss")
+            self.log(f"done {r.cell.name}: {result['status']}, {result['eval_split']} loss "
+                     f"{loss if loss is None else round(loss, 4)}, {wall:.0f} s")
+
+    def start(self, cell: Cell, estimate: float) -> None:
+        slot = self.free_slots.pop(0)
+        out_dir = cell_dir(self.grid_dir, cell.name)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "result.json").unlink(missing_ok=True)  # an error being retried
+        command = train_command(cell, self.arm_by_name[cell.arm], self.proto, self.args.root, self.grid_dir)
+        log_file = open(out_dir / "train.log", "w")  # noqa: SIM115 (closed when the cell is reaped)
+        # Its own process group (so a kill reaches its children) but our session: if this process is ended,
+        # so are the cells, and no orphan keeps training into a directory that a rerun reuses.
+        group = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
+        proc = subprocess.Popen(command, cwd=qlib.REPO, env=cell_env(slot, self.args.jobs, self.args.gpus), stdout=log_file,
+                                stderr=subprocess.STDOUT, **group)
+        self.running.append(Running(cell, proc, time.perf_counter(), command, slot, log_file))
+        self.started.add(cell.name)
+        self.log(f"start {cell.name} (slot {slot}; {len(self.running)} running; estimate {estimate:.0f} s/cell)")
+
+    def start_more(self) -> None:
+        todo = self.pending()
+        if self.args.max_cells:
+            todo = todo[:max(0, self.args.max_cells - self.counts["ran"] - len(self.running))]
+        while todo and self.free_slots:
+            estimate = cell_estimate(self.grid_dir, self.args.cell_estimate_s)
+            if self.deadline and time.perf_counter() + estimate > self.deadline:
+                return
+            self.start(todo.pop(0), estimate)
+
+    def run(self) -> dict:
+        def stop(signum, frame):
+            raise SystemExit(f"grid: signal {signum}")
+
+        signal.signal(signal.SIGTERM, stop)
+        try:
+            while True:
+                self.reap()
+                self.start_more()
+                if not self.running:
+                    break
+                time.sleep(0.5)
+        finally:
+            for r in list(self.running):  # interrupted: end the cells we started; they rerun next time
+                self.log(f"stopping {r.cell.name}")
+                kill(r.proc)
+                self._release(r)
+        left = self.pending(skip_started=False)  # cells killed at the deadline count as left
+        c = self.counts
+        c.update(pending=len(left), seconds=round(time.perf_counter() - self.t0, 1))
+        self.log(f"grid: ran {c['ran']} cells ({c['ok']} ok, {c['failed']} failed, {c['killed']} killed at the deadline) "
+                 f"in {c['seconds']:.0f} s; {len(left)} runnable cells left")
+        return c
+
+
+# --- reporting helpers ----------------------------------------------------------------------------------
+
+def grid_status(grid_dir: Path, arms: list[Arm], lrs, seeds, search_seed: int) -> list[dict]:
+    rows = []
+    for a in arms:
+        lr, complete = best_lr(grid_dir, a.name, lrs, search_seed)
+        finals = [load_result(grid_dir, Cell(a.name, "final", lr, s).name) for s in seeds] if lr is not None else []
+        done = [r for r in finals if r and r["status"] == "ok"]
+        rows.append({"arm": a.name, "kind": a.kind, "ranks": a.ranks, "params": a.params, "lr_search_complete": complete,
+                     "best_lr": lr, "final_done": len(done), "final_planned": len(seeds),
+                     "test_losses": [round(r["final_eval_loss"], 4) for r in done]})
+    return rows
+
+
+def base_info(root: Path) -> tuple[dict, int]:
+    config = qlib.read_json(root / "base" / "config.json")
+    return projection_features(config), config["num_hidden_layers"]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", type=Path, default=qlib.DEFAULT_ROOT, help="experiment root (base/, task/; writes grid/)")
+    p.add_argument("--arms", default=None, help="comma-separated arm names (default: all six)")
+    p.add_argument("--lrs", default=",".join(f"{x:g}" for x in DEFAULT_LRS), help="learning rates searched (one value: no search)")
+    p.add_argument("--seeds", default="1,2,3", help="seeds of the final (reported) cells")
+    p.add_argument("--search_seed", type=int, default=0, help="seed of the learning-rate search cells")
+    p.add_argument("--phase", default="all", choices=("all", "lr", "final"), help="run only this phase's cells")
+    p.add_argument("--only", default=None, help="comma-separated glob patterns of cell names to run")
+    p.add_argument("--max_cells", type=int, default=0, help="run at most this many cells (0: all)")
+    p.add_argument("--jobs", type=int, default=1, help="cells run at once (on one GPU: they share it)")
+    p.add_argument("--gpus", default=None, help="comma-separated GPU ids, assigned to job slots round-robin")
+    p.add_argument("--deadline_s", type=float, default=0, help="start no cell that would end after this many seconds; kill at it")
+    p.add_argument("--cell_estimate_s", type=float, default=90, help="a cell's length before any cell has finished")
+    p.add_argument("--retry_errors", action="store_true", help="rerun cells whose result is an error")
+    p.add_argument("--tol", type=float, default=0.03, help="parameter-matching tolerance")
+    for f in Protocol.__dataclass_fields__.values():
+        p.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=f"protocol: {f.name}")
+    p.add_argument("--dry_run", action="store_true", help="print the arms and the cells that would run, then stop")
+    p.add_argument("--status", action="store_true", help="print what is done and the chosen learning rates, then stop")
+    args = p.parse_args(argv)
+    args.lrs = [float(x) for x in args.lrs.split(",") if x.strip()]
+    args.seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    args.only = [x.strip() for x in args.only.split(",") if x.strip()] if args.only else None
+    args.gpus = [x.strip() for x in args.gpus.split(",") if x.strip()] if args.gpus else None
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    t0 = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[grid {time.perf_counter() - t0:6.1f} s] {msg}", flush=True)
+
+    proto = Protocol(**{k: getattr(args, k) for k in Protocol.__dataclass_fields__})
+    features, num_layers = base_info(args.root)
+    arms = all_arms = define_arms(features, num_layers, proto.num_mid_groups, args.tol)
+    if args.arms:
+        wanted = [a.strip() for a in args.arms.split(",") if a.strip()]
+        unknown = sorted(set(wanted) - {a.name for a in arms})
+        if unknown:
+            raise SystemExit(f"error: unknown arms {unknown}; expected some of {[a.name for a in arms]}")
+        arms = [a for a in arms if a.name in wanted]
+    grid_dir = args.root / "grid"
+    # Every arm, also when this invocation runs a subset (--arms): the report reads the grid's arms from here.
+    meta = {"protocol": asdict(proto), "arms": [dict(asdict(a), kind=a.kind) for a in all_arms], "lrs": args.lrs, "seeds": args.seeds,
+            "search_seed": args.search_seed, "num_layers": num_layers, "features": features,
+            "base": str(args.root / "base"), "task_sha256": qlib.read_json(args.root / "task" / "manifest.json")["sha256"]}
+    for a in arms:
+        ref = next((b for b in arms if b.name == a.matched_to), None)
+        log(f"arm {a.name:<18} {a.kind:<8} ranks {a.ranks!s:<14} on {','.join(t.removesuffix('_proj') for t in a.targets):<22} "
+            f"{a.params:>10,} params" + (f" ({a.params / ref.params - 1:+.1%} vs {ref.name})" if ref else ""))
+    if args.status or args.dry_run:
+        for row in grid_status(grid_dir, arms, args.lrs, args.seeds, args.search_seed):
+            log(json.dumps(row))
+        if args.dry_run:
+            cells = [c for c in planned_cells(grid_dir, arms, args.lrs, args.seeds, args.search_seed)
+                     if not is_done(load_result(grid_dir, c.name), args.retry_errors)]
+            n_final_unknown = sum(1 for a in arms if best_lr(grid_dir, a.name, args.lrs, args.search_seed)[0] is None) * len(args.seeds)
+            est = cell_estimate(grid_dir, args.cell_estimate_s)
+            total = len(cells) + n_final_unknown
+            log(f"{len(cells)} cells runnable now, {n_final_unknown} more once their arm's lr search is done; at {est:.0f} s per cell "
+                f"and {args.jobs} at once: about {qlib.fmt_duration(total * est / args.jobs)}")
+            for c in cells:
+                log(f"  {c.name}: {shlex.join(train_command(c, next(a for a in arms if a.name == c.arm), proto, args.root, grid_dir))}")
+        return {"arms": arms}
+    qlib.write_json(grid_dir / "grid.json", meta)
+    counts = GridRun(args, arms, proto, log).run()
+    for row in grid_status(grid_dir, arms, args.lrs, args.seeds, args.search_seed):
+        log(f"{row['arm']:<18} best lr {row['best_lr']}  final {row['final_done']}/{row['final_planned']}  test {row['test_losses']}")
+    return counts
+
+
+if __name__ == "__main__":
+    main()

@@ -33,6 +33,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -202,6 +203,7 @@ class Plan:
     sampler: GlobalBatchSampler
     total_steps: int
     resume_dir: Path | None
+    startup_s: float = 0.0
 
 
 def preflight(cfg: TrainConfig, world: int, on_gpu: bool) -> Plan:
@@ -315,6 +317,7 @@ def train(cfg: TrainConfig) -> dict:
         log(f"step 0/{total_steps}  eval_loss {loss0:.4f}  eval_ppl {ppl0:.2f}")
         history.append({"step": 0, "eval_loss": loss0, "eval_ppl": ppl0})
     engine.train()
+    plan.startup_s = time.time() - psutil.Process().create_time()  # imports, loading, DeepSpeed set-up
     try:
         run_steps(cfg, engine, scheduler, plan, step, history, rank, world, device, writer, bar)
     finally:
@@ -361,7 +364,8 @@ def run_steps(cfg: TrainConfig, engine, scheduler, plan: Plan, step: int, histor
         grad_norm = engine.get_global_grad_norm()
         record = {"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0],
                   "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                  "tokens_per_s": stats[1].item() / (time.perf_counter() - t0)}
+                  "tokens": int(stats[1].item()), "time_s": time.perf_counter() - t0}
+        record["tokens_per_s"] = record["tokens"] / record["time_s"]
         if not applied:
             record["skipped"] = True
             log(f"step {step}: non-finite loss or gradient (loss {loss}); update skipped "
@@ -419,6 +423,9 @@ def finish(cfg: TrainConfig, engine, history: list[dict], plan: Plan, rank: int,
                "skipped_steps": sum(1 for h in history if h.get("skipped")),
                # The median step speed (the first steps warm up) and the largest peak memory of any rank.
                "tokens_per_s_median": speeds[len(speeds) // 2] if speeds else None, "peak_mem_gb_max": peak.item(),
+               # This process's share: from start-up to the first step, and the steps themselves.
+               "startup_s": plan.startup_s, "train_time_s": sum(h.get("time_s", 0.0) for h in history),
+               "train_tokens": int(sum(h.get("tokens", 0) for h in history)),
                "replicas_identical": replicas_identical, "zero_stage": zero_stage(plan.ds_config), "dtype": plan.dtype,
                "load_in_4bit": cfg.load_in_4bit, "backbone_partition": backbone_partition(engine.module, world, device),
                "history": history}

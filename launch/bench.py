@@ -289,33 +289,18 @@ def make_variant(name: str, shape_name: str, shape: dict, device: torch.device, 
     raise SystemExit(f"unknown variant {name!r}; expected one of {', '.join(DEFAULT_VARIANTS)}")
 
 
-def init_single_process_distributed(device: torch.device) -> None:
-    import deepspeed
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        return
-    if "RANK" not in os.environ:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
-
-
 def _deepspeed_variant(name, model, shape, ranks, device, ids) -> Run:
     """The trainer's path (launch/train.py): adapters from apply_msplora, the config resolved from the shipped JSON,
     deepspeed.initialize on the adapter parameters, engine.backward / engine.step."""
     import deepspeed
 
     from msplora_dist import MSPLoRAConfig, adapter_params, apply_msplora
+    from msplora_dist.distributed import init_distributed
     from msplora_dist.ds_config import read_ds_config, resolve_ds_config
     from msplora_dist.train_config import TrainConfig
     from msplora_dist.zero import register_adapters_with_zero3
 
-    init_single_process_distributed(device)
+    init_distributed(on_gpu=device.type == "cuda")
     stage = {"ds-zero1": 1, "ds-zero3": 3}.get(name, 2)
     enable_checkpointing(model)
     cfg = MSPLoRAConfig(ranks=ranks, alphas=16, num_mid_groups=3, target_modules=ALL_TARGETS, dropout=0.0)
@@ -716,7 +701,12 @@ def main(argv=None) -> int:
         torch.set_num_threads(min(2, torch.get_num_threads()))
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.mode == "speed":
-        rows = speed(args)
+        from msplora_dist.distributed import shutdown_distributed
+
+        try:
+            rows = speed(args)
+        finally:
+            shutdown_distributed()  # the ds-* variants started a process group
         return 1 if any("error" in r for r in rows) else 0
     if args.mode == "layer":
         layer_bench(args)

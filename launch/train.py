@@ -27,7 +27,6 @@ import math
 import os
 import resource
 import shutil
-import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -61,6 +60,7 @@ from msplora_dist.data import (
     pack_examples,
     tokenize_dataset,
 )
+from msplora_dist.distributed import init_distributed, shutdown_distributed
 from msplora_dist.ds_config import read_ds_config, resolve_ds_config, zero_stage
 from msplora_dist.errors import ConfigError
 from msplora_dist.model import adapter_params
@@ -83,20 +83,6 @@ def log(msg: str) -> None:
 
         tqdm.write(msg, file=sys.stdout)
         sys.stdout.flush()
-
-
-def init_distributed(on_gpu: bool) -> tuple[int, int]:
-    import deepspeed
-
-    if "RANK" not in os.environ:  # plain `python launch/train.py`: a world of one
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
-    if on_gpu:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    return dist.get_rank(), dist.get_world_size()
 
 
 def prepare_data(cfg: TrainConfig, tokenizer):
@@ -319,10 +305,14 @@ def train(cfg: TrainConfig) -> dict:
     engine.train()
     plan.startup_s = time.time() - psutil.Process().create_time()  # imports, loading, DeepSpeed set-up
     try:
-        run_steps(cfg, engine, scheduler, plan, step, history, rank, world, device, writer, bar)
+        try:
+            run_steps(cfg, engine, scheduler, plan, step, history, rank, world, device, writer, bar)
+        finally:
+            bar.close()
+        return finish(cfg, engine, history, plan, rank, world, device, writer)
     finally:
-        bar.close()
-    return finish(cfg, engine, history, plan, rank, world, device, writer)
+        if writer is not None:
+            writer.close()  # also on a stopped run: its events up to the stop are kept
 
 
 def run_steps(cfg: TrainConfig, engine, scheduler, plan: Plan, step: int, history: list[dict], rank: int, world: int,
@@ -431,7 +421,6 @@ def finish(cfg: TrainConfig, engine, history: list[dict], plan: Plan, rank: int,
                "history": history}
     if rank == 0:
         write_file_atomically(output_dir / "summary.json", json.dumps(summary, indent=1))
-        writer.close()
         log(f"adapter: {output_dir / 'adapter'}")
     return summary
 
@@ -453,10 +442,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{prefix}{err}", file=sys.stderr, flush=True)
         return 3
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown_distributed()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Everything is written and closed by now. Skip the interpreter's teardown: there, C++ objects left
+    # by gloo/ZeRO-3 (pending work handles holding tensors) are destroyed in no set order, and on rare runs
+    # that aborted a rank with SIGABRT ("terminate called without an active exception") after a run that
+    # had finished and saved everything, so the launcher reported a failure that was not one.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -30,9 +30,11 @@ def subprocess_env() -> dict:
     return env
 
 
-def run_train(output_dir: Path, *args: str, nproc: int = 1, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
+def run_train(output_dir: Path, *args: str, nproc: int = 1, timeout: int = 600, check: bool = True,
+              master_port: int | None = None) -> subprocess.CompletedProcess:
     """`deepspeed --num_gpus nproc launch/train.py ...` on CPU (gloo)."""
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port", str(free_port()),
+    port = master_port or free_port()
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port", str(port),
            str(TRAIN), "--output_dir", str(output_dir), *args]
     proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:

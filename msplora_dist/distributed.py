@@ -1,0 +1,56 @@
+"""Start and end the process group the way every entry point needs it, on GPUs (NCCL) and on CPU (gloo).
+
+Started under `deepspeed` (or torchrun) the launcher's RANK/WORLD_SIZE/MASTER_* are used; a plain
+`python script.py` becomes a world of one on a free local port.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+SHM_DIR = Path("/dev/shm")
+
+
+def init_distributed(on_gpu: bool) -> tuple[int, int]:
+    """Initialise DeepSpeed's process group (idempotent); returns (rank, world size)."""
+    import deepspeed
+
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+        if on_gpu:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def cpu_allreduce_buffer(rank: int) -> Path:
+    """The shared-memory segment DeepSpeed's CPU all-reduce op creates for `rank` of this run.
+
+    deepspeed/ops/csrc/cpu/comm/shm.cpp names it after the user id, MASTER_ADDR, MASTER_PORT and the
+    rank, maps it, and never unlinks it: every CPU run on a new port would leave ~69 MB of memory per
+    rank in /dev/shm until the machine restarts.
+    """
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return SHM_DIR / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def shutdown_distributed() -> None:
+    """Destroy the process group and remove this rank's CPU all-reduce segment (a no-op when none exists).
+
+    Removing is safe once the group is gone: the peers that mapped the segment keep their mappings, and
+    nobody opens it again.
+    """
+    if not dist.is_initialized():
+        return
+    rank = dist.get_rank()
+    dist.destroy_process_group()
+    cpu_allreduce_buffer(rank).unlink(missing_ok=True)

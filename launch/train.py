@@ -207,6 +207,7 @@ def preflight(cfg: TrainConfig, world: int, on_gpu: bool) -> Plan:
     if cfg.load_in_4bit:
         quantization_config(DTYPES[dtype])  # bitsandbytes importable and usable
     largest = max(max(adapter_cfg.ranks) * f for t in adapter_cfg.target_modules for f in features[t])
+    global_batch = cfg.micro_batch_size * cfg.grad_accum * world
     ds_config = resolve_ds_config(raw_ds, cfg, world_size=world, dtype=dtype, largest_adapter_numel=largest)
 
     output_dir = Path(cfg.output_dir)
@@ -224,11 +225,16 @@ def preflight(cfg: TrainConfig, world: int, on_gpu: bool) -> Plan:
     resume_dir = None
     if cfg.resume:
         resume_dir = find_resume_dir(output_dir, cfg.resume, log=log)
-        check_resume_compatible(resume_dir, adapter_cfg, hf_config, world)
+        saved_world = check_resume_compatible(resume_dir, adapter_cfg, hf_config, global_batch)
+        if saved_world != world:
+            log(f"resume: {resume_dir} was written by {saved_world} ranks, this run has {world}; its optimizer state "
+                "is re-partitioned through DeepSpeed's universal checkpoint format")
+            ds_config = resolve_ds_config(raw_ds, cfg, world_size=world, dtype=dtype, largest_adapter_numel=largest,
+                                          load_universal=True)
 
     tokenizer = load_tokenizer(cfg.model)
     train_ds, eval_ds = prepare_data(cfg, tokenizer)
-    sampler = GlobalBatchSampler(len(train_ds), cfg.micro_batch_size * cfg.grad_accum * world, cfg.seed)
+    sampler = GlobalBatchSampler(len(train_ds), global_batch, cfg.seed)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, int(cfg.epochs * sampler.steps_per_epoch))
     return Plan(dtype, ds_config, adapter_cfg, tokenizer, train_ds, eval_ds, sampler, total_steps, resume_dir)
 
@@ -374,7 +380,8 @@ def run_steps(cfg: TrainConfig, engine, scheduler, plan: Plan, step: int, histor
                     writer.add_scalar(f"eval/{key[5:]}" if key.startswith("eval") else f"train/{key}", record[key], step)
         if stop or (cfg.save_steps and step % cfg.save_steps == 0) or step == total_steps:
             # After skipped steps the adapters are those of the last good step: this checkpoint holds them.
-            state = {"step": step, "world_size": world, "history": history, "config": cfg.to_dict()}
+            state = {"step": step, "world_size": world, "global_batch": sampler.global_batch, "history": history,
+                     "config": cfg.to_dict()}
             path = save_checkpoint(engine, output_dir, step, state, cfg.keep_last)
             log(f"checkpoint: {path}")
         if stop:

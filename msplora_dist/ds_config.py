@@ -43,9 +43,13 @@ def _fill(section: dict, key: str, value, what: str, *, compare=None) -> None:
                           "set it to \"auto\" or make the two agree")
 
 
-def resolve_ds_config(raw: dict, cfg: TrainConfig, *, world_size: int, dtype: str, largest_adapter_numel: int) -> dict:
-    """A complete DeepSpeed config for this run. dtype is the resolved 'bf16' or 'fp32'."""
+def resolve_ds_config(raw: dict, cfg: TrainConfig, *, world_size: int, dtype: str, largest_adapter_numel: int,
+                      load_universal: bool = False) -> dict:
+    """A complete DeepSpeed config for this run. dtype is the resolved 'bf16' or 'fp32'. load_universal:
+    the run resumes a checkpoint written by another number of ranks (train_state.load_checkpoint)."""
     ds = copy.deepcopy(raw)
+    if load_universal:
+        ds.setdefault("checkpoint", {})["load_universal"] = True
     _fill(ds, "train_micro_batch_size_per_gpu", cfg.micro_batch_size, "train_micro_batch_size_per_gpu")
     _fill(ds, "gradient_accumulation_steps", cfg.grad_accum, "gradient_accumulation_steps")
     global_batch = cfg.micro_batch_size * cfg.grad_accum * world_size

@@ -108,8 +108,9 @@ def find_resume_dir(output_dir: str | Path, resume: str, log=print) -> Path:
     raise CheckpointError(f"--resume latest: no valid checkpoint in {str(checkpoint_root(output_dir))!r}")
 
 
-def check_resume_compatible(directory: Path, adapter_config, hf_config: dict, world_size: int) -> None:
-    """Refuse, before anything is loaded, a checkpoint from another adapter layout, model or world size."""
+def check_resume_compatible(directory: Path, adapter_config, hf_config: dict, global_batch: int) -> int:
+    """Refuse, before anything is loaded, a checkpoint from another adapter layout, model or global batch.
+    Returns the number of ranks that wrote it (another number is fine: see load_checkpoint)."""
     from msplora_dist.checkpoint import read_adapter_config
 
     saved, meta = read_adapter_config(directory / "adapter")
@@ -124,11 +125,15 @@ def check_resume_compatible(directory: Path, adapter_config, hf_config: dict, wo
             raise CheckpointError(f"--resume {str(directory)!r} was trained on a model with {key}={signature.get(key)!r}; "
                                   f"--model has {key}={ours!r}")
     state = json.loads((directory / "trainer_state.json").read_text())
-    if state.get("world_size") != world_size:
+    saved_batch = state.get("global_batch")
+    if saved_batch is not None and saved_batch != global_batch:
+        # The data order and the schedule are defined per global batch: another size is another run.
         raise CheckpointError(
-            f"--resume {str(directory)!r} was written by {state.get('world_size')} ranks; this run has {world_size}. "
-            "Resume with the same number of ranks (the optimizer state is partitioned per rank)"
+            f"--resume {str(directory)!r} was trained with a global batch of {saved_batch} sequences; this run has "
+            f"{global_batch} (micro_batch_size x grad_accum x ranks). Keep the global batch: choose --grad_accum so that "
+            f"micro_batch_size x grad_accum x ranks = {saved_batch}"
         )
+    return int(state["world_size"])
 
 
 def _is_rank0() -> bool:
@@ -169,14 +174,63 @@ def save_checkpoint(engine, output_dir: str | Path, step: int, trainer_state: di
 
 
 def load_checkpoint(engine, directory: Path) -> dict:
-    """Restore adapters, optimizer, scheduler and this rank's RNG; returns trainer_state. Check the
-    checkpoint with check_resume_compatible first."""
+    """Restore adapters, optimizer, scheduler and RNG; returns trainer_state. Check the checkpoint with
+    check_resume_compatible first (and, for another number of ranks, build the engine with
+    checkpoint.load_universal on: resolve_ds_config(load_universal=True)).
+
+    The same number of ranks reloads DeepSpeed's own per-rank files and every rank's RNG state: the run
+    continues bit for bit. Another number of ranks cannot read ZeRO's per-rank optimizer partitions, so
+    rank 0 first converts them with DeepSpeed's own tool (deepspeed.checkpoint.ds_to_universal) into
+    a sibling folder, and every rank loads its new partition from there; the RNG is then seeded from
+    (seed, step, rank), since the old ranks' dropout streams have no counterpart.
+    """
     from msplora_dist.checkpoint import load_adapter
 
     state = json.loads((directory / "trainer_state.json").read_text())
+    world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
     load_adapter(engine.module, directory / "adapter")
-    engine.load_checkpoint(str(directory / "ds"), tag="state", load_module_strict=False,
-                           load_optimizer_states=True, load_lr_scheduler_states=True)
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    set_rng_state(torch.load(directory / f"rng-rank{rank}.pt", weights_only=False))
+    if state["world_size"] == world:
+        engine.load_checkpoint(str(directory / "ds"), tag="state", load_module_strict=False,
+                               load_optimizer_states=True, load_lr_scheduler_states=True)
+        set_rng_state(torch.load(directory / f"rng-rank{rank}.pt", weights_only=False))
+        return state
+    universal = directory.parent / f".universal-{directory.name}"
+    failure = [None]
+    if rank == 0:
+        try:
+            convert_to_universal(directory / "ds" / "state", universal / "state")
+        except CheckpointError as err:
+            failure = [str(err)]
+    if dist.is_initialized():
+        dist.broadcast_object_list(failure, src=0)  # every rank stops with the same message, none hangs
+    if failure[0] is not None:
+        raise CheckpointError(failure[0])
+    try:
+        engine.load_checkpoint(str(universal), tag="state", load_module_strict=False,
+                               load_optimizer_states=True, load_lr_scheduler_states=True)
+    finally:
+        _barrier()
+        if rank == 0:
+            shutil.rmtree(universal, ignore_errors=True)
+    seed = int(state.get("config", {}).get("seed", 0))
+    reseed = (seed * 1_000_003 + int(state["step"]) * 1_009 + rank) % 2**63
+    random.seed(reseed)
+    torch.manual_seed(reseed)
     return state
+
+
+def convert_to_universal(ds_dir: Path, out: Path) -> None:
+    """DeepSpeed's checkpoint of N ranks -> its universal (rank-count independent) format, in a subprocess:
+    the converter is a command-line tool with its own worker pools. Only the adapters' state is in it (a few MB)."""
+    import subprocess
+    import sys
+
+    shutil.rmtree(out.parent, ignore_errors=True)
+    out.parent.mkdir(parents=True)
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ds_dir),
+           "--output_folder", str(out), "--num_extract_workers", "1", "--num_merge_workers", "1",
+           "--inject_missing_state"]  # the version key Megatron-style clients store; we have nothing else to add
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise CheckpointError(f"converting {str(ds_dir)!r} for a different number of ranks failed "
+                              f"(deepspeed.checkpoint.ds_to_universal exited {proc.returncode}): {proc.stderr.strip()[-2000:]}")

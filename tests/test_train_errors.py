@@ -145,7 +145,7 @@ def test_zero_stage_0_is_refused(capsys, tmp_path):
     assert_refused(*run_main(capsys, tmp_path, "--ds_config", str(ds)), "stage=0", "expected 1, 2 or 3")
 
 
-def fake_checkpoint(output_dir, ranks=(8, 4, 2), targets=("q_proj", "v_proj"), hidden=None, world_size=1):
+def fake_checkpoint(output_dir, ranks=(8, 4, 2), targets=("q_proj", "v_proj"), hidden=None, global_batch=None):
     """A complete checkpoint of another run: its adapter (the real format) and trainer state."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -158,7 +158,8 @@ def fake_checkpoint(output_dir, ranks=(8, 4, 2), targets=("q_proj", "v_proj"), h
     model = apply_msplora(AutoModelForCausalLM.from_config(config), MSPLoRAConfig(ranks=ranks, target_modules=targets, num_mid_groups=2))
     path = output_dir / "checkpoints" / "step-00000002"
     save_adapter(model, path / "adapter")
-    (path / "trainer_state.json").write_text(json.dumps({"step": 2, "world_size": world_size, "history": []}))
+    state = {"step": 2, "world_size": 1, "history": []} | ({"global_batch": global_batch} if global_batch else {})
+    (path / "trainer_state.json").write_text(json.dumps(state))
     _write_manifest(path)
     return path
 
@@ -167,9 +168,9 @@ def fake_checkpoint(output_dir, ranks=(8, 4, 2), targets=("q_proj", "v_proj"), h
     ({"ranks": (4, 4, 2)}, "adapter ranks=[4, 4, 2]; this run has ranks=[8, 4, 2]"),
     ({"targets": ("q_proj",)}, "adapter target_modules=['q_proj']"),
     ({"hidden": 32}, "hidden_size=32"),
-    ({"world_size": 4}, "written by 4 ranks; this run has 1"),
+    ({"global_batch": 64}, "global batch of 64 sequences; this run has"),
 ])
-def test_resume_from_a_checkpoint_of_another_layout_model_or_world(capsys, tmp_path, kwargs, fragment):
+def test_resume_from_a_checkpoint_of_another_layout_model_or_global_batch(capsys, tmp_path, kwargs, fragment):
     fake_checkpoint(tmp_path / "out", **kwargs)
     before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "out").rglob("*"))
     code, err, _ = run_main(capsys, tmp_path, "--resume", "latest", "--ranks", "8,4,2", "--num_mid_groups", "2",

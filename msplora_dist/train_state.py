@@ -200,6 +200,7 @@ def load_checkpoint(engine, directory: Path) -> dict:
         try:
             convert_to_universal(directory / "ds" / "state", universal / "state")
         except CheckpointError as err:
+            shutil.rmtree(universal, ignore_errors=True)
             failure = [str(err)]
     if dist.is_initialized():
         dist.broadcast_object_list(failure, src=0)  # every rank stops with the same message, none hangs

@@ -190,3 +190,12 @@ def test_an_earlier_run_is_never_overwritten_by_accident(capsys, tmp_path):
 def test_resume_and_overwrite_together_contradict(capsys, tmp_path):
     code, err, _ = run_main(capsys, tmp_path, "--resume", "latest", "--overwrite", "true")
     assert code == 2 and "contradict" in err[0]
+
+
+def test_a_checkpoint_deepspeed_cannot_convert_for_another_world_size_is_a_clear_error(tmp_path):
+    from msplora_dist.errors import CheckpointError
+    from msplora_dist.train_state import convert_to_universal
+
+    (tmp_path / "ds" / "state").mkdir(parents=True)  # no DeepSpeed files in it
+    with pytest.raises(CheckpointError, match=r"for a different number of ranks failed .*ds_to_universal exited"):
+        convert_to_universal(tmp_path / "ds" / "state", tmp_path / "universal" / "state")

@@ -52,5 +52,7 @@ def shutdown_distributed() -> None:
     if not dist.is_initialized():
         return
     rank = dist.get_rank()
-    dist.destroy_process_group()
-    cpu_allreduce_buffer(rank).unlink(missing_ok=True)
+    try:
+        dist.destroy_process_group()
+    finally:  # also when a dead peer makes the teardown fail
+        cpu_allreduce_buffer(rank).unlink(missing_ok=True)

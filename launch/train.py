@@ -208,7 +208,15 @@ def preflight(cfg: TrainConfig, world: int, on_gpu: bool) -> Plan:
         quantization_config(DTYPES[dtype])  # bitsandbytes importable and usable
     largest = max(max(adapter_cfg.ranks) * f for t in adapter_cfg.target_modules for f in features[t])
     global_batch = cfg.micro_batch_size * cfg.grad_accum * world
-    ds_config = resolve_ds_config(raw_ds, cfg, world_size=world, dtype=dtype, largest_adapter_numel=largest)
+    resume_dir, resume_world = None, world
+    if cfg.resume:
+        resume_dir = find_resume_dir(cfg.output_dir, cfg.resume, log=log)
+        resume_world = check_resume_compatible(resume_dir, adapter_cfg, hf_config, global_batch)
+        if resume_world != world:
+            log(f"resume: {resume_dir} was written by {resume_world} ranks, this run has {world}; its optimizer state "
+                "is re-partitioned through DeepSpeed's universal checkpoint format")
+    ds_config = resolve_ds_config(raw_ds, cfg, world_size=world, dtype=dtype, largest_adapter_numel=largest,
+                                  load_universal=resume_world != world)
 
     output_dir = Path(cfg.output_dir)
     try:
@@ -222,15 +230,6 @@ def preflight(cfg: TrainConfig, world: int, on_gpu: bool) -> Plan:
     if earlier and not cfg.resume and not cfg.overwrite:
         raise ConfigError(f"--output_dir {str(output_dir)!r} already holds {earlier} of an earlier run; "
                           "pass --resume latest to continue it, --overwrite true to replace it, or another --output_dir")
-    resume_dir = None
-    if cfg.resume:
-        resume_dir = find_resume_dir(output_dir, cfg.resume, log=log)
-        saved_world = check_resume_compatible(resume_dir, adapter_cfg, hf_config, global_batch)
-        if saved_world != world:
-            log(f"resume: {resume_dir} was written by {saved_world} ranks, this run has {world}; its optimizer state "
-                "is re-partitioned through DeepSpeed's universal checkpoint format")
-            ds_config = resolve_ds_config(raw_ds, cfg, world_size=world, dtype=dtype, largest_adapter_numel=largest,
-                                          load_universal=True)
 
     tokenizer = load_tokenizer(cfg.model)
     train_ds, eval_ds = prepare_data(cfg, tokenizer)

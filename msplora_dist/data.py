@@ -17,6 +17,7 @@ from pathlib import Path
 
 import datasets
 import torch
+from jinja2 import TemplateError
 
 from msplora_dist.errors import DataError
 from msplora_dist.prompts import DEFAULT_CHAT_TEMPLATE, alpaca_prompt
@@ -100,7 +101,10 @@ def _segments(row: dict, fmt: str, tokenizer, lineno: int) -> list[tuple[str, bo
         if not isinstance(instruction, str) or not isinstance(output, str):
             raise DataError(f"row {lineno}: 'instruction' and 'output' must be strings, got "
                             f"{type(instruction).__name__} and {type(output).__name__}")
-        return [(alpaca_prompt(instruction, row.get("input") or ""), False), (output, True)]
+        input_text = row.get("input") or ""
+        if not isinstance(input_text, str):
+            raise DataError(f"row {lineno}: 'input' must be a string (or absent), got {type(input_text).__name__}")
+        return [(alpaca_prompt(instruction, input_text), False), (output, True)]
     if fmt == "text":
         if not isinstance(row.get("text"), str):
             raise DataError(f"row {lineno}: 'text' must be a string, got {type(row.get('text')).__name__}")
@@ -109,41 +113,74 @@ def _segments(row: dict, fmt: str, tokenizer, lineno: int) -> list[tuple[str, bo
     if not isinstance(messages, list) or not messages or not all(
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages):
         raise DataError(f"row {lineno}: 'messages' must be a non-empty list of {{role, content}} strings")
+    def render(prefix: list[dict], generation_prompt: bool = False) -> str:
+        try:
+            return tokenizer.apply_chat_template(prefix, tokenize=False, add_generation_prompt=generation_prompt)
+        except TemplateError as err:  # templates raise on roles or orders they do not support
+            raise DataError(f"row {lineno}: the tokenizer's chat template refused the conversation: {err}") from None
+
     # Render growing prefixes: the text added by each assistant turn takes the loss. This works for any
     # template that renders a conversation's prefix as a prefix of the whole.
     segments, rendered = [], ""
     for i, message in enumerate(messages):
         if message["role"] == "assistant":
-            before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
-            through = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+            through = render(messages[: i + 1])
+            # An opening assistant turn: its header is what the template writes before its content.
+            before = render(messages[:i], generation_prompt=True) if i else through[:max(0, through.find(message["content"]))]
             if not before.startswith(rendered) or not through.startswith(before):
                 raise DataError(f"row {lineno}: the tokenizer's chat template does not render conversations prefix by prefix")
             segments += [(before[len(rendered):], False), (through[len(before):], True)]
             rendered = through
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    full = render(messages)
     if full[len(rendered):]:
         segments.append((full[len(rendered):], False))
     return [s for s in segments if s[0]]
 
 
+def _loss_mask(tokenizer, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[bool]]:
+    """Token ids of `text` and, per token, whether it reaches into one of the character spans.
+
+    The text is tokenized whole, as it is at inference: tokenizing each segment alone would start every
+    segment with a word-start marker ("▁" in SentencePiece) that the running text does not have.
+    """
+    if tokenizer.is_fast:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = enc["input_ids"]
+        mask = [any(start < b and max(end, start + 1) > a for a, b in spans) for start, end in enc["offset_mapping"]]
+        return ids, mask
+    # Slow tokenizers have no offsets: a span's tokens are those between the token counts of its prefixes.
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    mask = [False] * len(ids)
+    for a, b in spans:
+        first = len(tokenizer(text[:a], add_special_tokens=False)["input_ids"]) if a else 0
+        last = len(tokenizer(text[:b], add_special_tokens=False)["input_ids"])
+        mask[first:last] = [True] * (last - first)
+    return ids, mask
+
+
 def tokenize_row(row: dict, fmt: str, tokenizer, max_seq_len: int, train_on_prompt: bool, lineno: int = 0) -> dict:
     segments = _segments(row, fmt, tokenizer, lineno)
+    text, spans = "", []
+    for piece, takes_loss in segments:
+        if takes_loss or train_on_prompt:
+            spans.append((len(text), len(text) + len(piece)))
+        text += piece
+    ids, mask = _loss_mask(tokenizer, text, spans)
+    if fmt != "chat":  # alpaca and text rows end with eos so the model learns to stop; chat templates add their own
+        ids.append(tokenizer.eos_token_id)
+        mask.append(segments[-1][1] or train_on_prompt)
     # Chat templates often write the bos token themselves (Llama-2's, the shipped tiny model's).
-    template_has_bos = fmt == "chat" and bool(tokenizer.bos_token) and segments[0][0].startswith(tokenizer.bos_token)
-    ids = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and not template_has_bos else []
-    labels = [IGNORE_INDEX] * len(ids)
-    for k, (text, takes_loss) in enumerate(segments):
-        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
-        # Alpaca and text rows end with eos so the model learns to stop; chat templates add their own.
-        if fmt != "chat" and k == len(segments) - 1:
-            piece = [*piece, tokenizer.eos_token_id]
-        ids += piece
-        labels += piece if (takes_loss or train_on_prompt) else [IGNORE_INDEX] * len(piece)
+    template_has_bos = fmt == "chat" and bool(tokenizer.bos_token) and text.startswith(tokenizer.bos_token)
+    if tokenizer.bos_token_id is not None and not template_has_bos:
+        ids, mask = [tokenizer.bos_token_id, *ids], [False, *mask]
+    labels = [t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)]
     truncated = len(ids) > max_seq_len
     ids, labels = ids[:max_seq_len], labels[:max_seq_len]
-    if ids and tokenizer.bos_token_id is not None:
+    # The first token has nothing before it to be predicted from; in a packed row, a label there would
+    # train the previous example's last token to predict this one.
+    if labels:
         labels[0] = IGNORE_INDEX
-    n_loss = sum(1 for t in labels[1:] if t != IGNORE_INDEX)
+    n_loss = sum(1 for t in labels if t != IGNORE_INDEX)
     return {"input_ids": ids, "labels": labels, "num_loss_tokens": n_loss, "truncated": truncated}
 
 

@@ -535,6 +535,16 @@ def load_base_model(base_dir: str | os.PathLike, dtype: torch.dtype | str = torc
     return model.eval(), was_dequantized
 
 
+def _checkpoint_dtype(base: Path) -> torch.dtype | None:
+    """The floating-point dtype config.json declares for the weights (transformers writes `dtype`, older
+    versions `torch_dtype`), or None."""
+    config = _base_config(base)
+    declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(declared, str):
+        declared = getattr(torch, declared, None)
+    return declared if isinstance(declared, torch.dtype) else None
+
+
 def _precheck_base(meta: dict, base: Path) -> None:
     """The adapter's signature against the base's config.json, before loading any weight."""
     config = _base_config(base)
@@ -589,9 +599,12 @@ def export_merged(adapter_dir: str | os.PathLike, base_dir: str | os.PathLike, o
     _precheck_base(meta, base)
 
     torch_dtype = DTYPES[dtype]
-    # The checkpoint's own dtype, so each weight is rounded once, after the fp32 merge (a bf16 checkpoint stays
-    # bf16 in memory). A packed 4-bit base is dequantized to the output dtype (fp32 for an fp32 export).
-    model, dequantized = load_base_model(base, "auto", dequantize_dtype=torch_dtype)
+    # Each weight must be rounded once, after the fp32 merge. merge() writes W0 + delta back in the weight's own
+    # dtype, so the base is loaded in the output dtype when its checkpoint already has it (a bf16 export of a
+    # bf16 checkpoint stays bf16 in memory) and in fp32 otherwise (an fp32 export of a bf16 checkpoint must not
+    # pass through bf16). A packed 4-bit base is dequantized to the output dtype.
+    load_dtype = torch_dtype if _checkpoint_dtype(base) == torch_dtype else torch.float32
+    model, dequantized = load_base_model(base, load_dtype, dequantize_dtype=torch_dtype)
     model = load_adapter(model, adapter_dir)
     with gathered(list(model.parameters()), modifier_rank=0), torch.no_grad():
         model = merge_and_unload(model)

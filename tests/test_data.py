@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -42,11 +43,39 @@ def write_jsonl(path, rows):
 def test_alpaca_row_takes_loss_on_response_and_eos_only(tokenizer):
     row = {"instruction": "Reverse the word.", "input": "cat", "output": "tac"}
     ex = tokenize_row(row, "alpaca", tokenizer, 256, train_on_prompt=False)
-    prompt_ids = tokenizer(alpaca_prompt("Reverse the word.", "cat"), add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer("tac", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    prompt = alpaca_prompt("Reverse the word.", "cat")
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    whole_ids = tokenizer(prompt + "tac", add_special_tokens=False)["input_ids"]
+    assert whole_ids[:len(prompt_ids)] == prompt_ids  # the prompt ends with a newline: a token boundary
+    response_ids = [*whole_ids[len(prompt_ids):], tokenizer.eos_token_id]
     assert ex["input_ids"] == [tokenizer.bos_token_id, *prompt_ids, *response_ids]
     assert ex["labels"] == [IGNORE_INDEX] * (1 + len(prompt_ids)) + response_ids
     assert ex["num_loss_tokens"] == len(response_ids)
+
+
+def test_the_response_is_tokenized_as_part_of_the_running_text(tokenizer):
+    # Tokenized alone, "1, 2" would begin with SentencePiece's word-start piece; after "Response:\n"
+    # it does not. Training must see the tokens that generation continues from the prompt.
+    row = {"instruction": "Count.", "input": "", "output": "1, 2"}
+    ex = tokenize_row(row, "alpaca", tokenizer, 256, train_on_prompt=False)
+    alone = tokenizer("1, 2", add_special_tokens=False)["input_ids"]
+    assert tokenizer.convert_ids_to_tokens(alone)[0] == "\u2581"  # what the old, piecewise tokenization trained on
+    learned = [t for t in ex["labels"] if t != IGNORE_INDEX]
+    assert learned == [*tokenizer(alpaca_prompt("Count.") + "1, 2", add_special_tokens=False)["input_ids"][-len(alone) + 1:],
+                       tokenizer.eos_token_id]
+    assert tokenizer.decode(learned, skip_special_tokens=True) == "1, 2"
+
+
+def test_first_token_never_takes_loss_without_a_bos_token_so_packing_stays_within_examples(tokenizer, tmp_path):
+    no_bos = AutoTokenizer.from_pretrained(str(TINY))
+    no_bos.bos_token = None  # as Qwen2's tokenizer
+    rows = [{"text": "first document"}, {"text": "second one"}]
+    ds = tokenize_dataset(load_rows(write_jsonl(tmp_path / "d.jsonl", rows)), "text", no_bos, 64, False, "d").dataset
+    assert all(labels[0] == IGNORE_INDEX for labels in ds["labels"])
+    packed = pack_examples(ds, 64, seed=0)
+    assert len(packed) == 1
+    # Every loss token of the packed row is counted, and none predicts across the document boundary.
+    assert sum(1 for t in packed[0]["labels"] if t != IGNORE_INDEX) == packed[0]["num_loss_tokens"] == sum(ds["num_loss_tokens"])
 
 
 def test_train_on_prompt_takes_loss_everywhere_but_bos(tokenizer):
@@ -65,6 +94,26 @@ def test_chat_rows_take_loss_on_assistant_turns_only(tokenizer):
     # The whole conversation is rendered by the chat template, token for token.
     assert tokenizer.decode(ex["input_ids"]).replace(" ", "") == \
         tokenizer.apply_chat_template(messages, tokenize=False).replace(" ", "")
+
+
+def test_a_conversation_opening_with_the_assistant_takes_no_loss_on_the_header(tokenizer):
+    messages = [{"role": "assistant", "content": "Hi, how can I help?"}, {"role": "user", "content": "bye"}]
+    ex = tokenize_row({"messages": messages}, "chat", tokenizer, 256, train_on_prompt=False)
+    learned = tokenizer.decode([t for t in ex["labels"] if t != IGNORE_INDEX])
+    assert learned.startswith("Hi, how can I help?") and "assistant" not in learned and "bye" not in learned
+
+
+@pytest.mark.parametrize(("row", "fmt", "fragment"), [
+    ({"instruction": "Add.", "input": 5, "output": "x"}, "alpaca", "row 7: 'input' must be a string (or absent), got int"),
+    ({"messages": [{"role": "tool", "content": "x"}, {"role": "assistant", "content": "y"}]}, "chat",
+     "row 7: the tokenizer's chat template refused the conversation: no tool turns"),
+])
+def test_rows_a_template_cannot_take_are_a_data_error_with_the_row(tokenizer, row, fmt, fragment):
+    strict = AutoTokenizer.from_pretrained(str(TINY))
+    strict.chat_template = ("{% for m in messages %}{% if m['role'] == 'tool' %}{{ raise_exception('no tool turns') }}"
+                            "{% endif %}{{ m['content'] }}{% endfor %}")
+    with pytest.raises(DataError, match=re.escape(fragment)):
+        tokenize_row(row, fmt, strict, 256, train_on_prompt=False, lineno=7)
 
 
 def test_truncation_is_counted_and_rows_without_response_are_dropped(tokenizer, tmp_path):

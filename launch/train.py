@@ -67,6 +67,7 @@ from msplora_dist.model import adapter_params
 from msplora_dist.train_config import TrainConfig, parse_config, save_config_yaml
 from msplora_dist.train_state import (
     check_resume_compatible,
+    check_resume_data,
     checkpoint_root,
     find_resume_dir,
     load_checkpoint,
@@ -234,6 +235,8 @@ def preflight(cfg: TrainConfig, world: int, on_gpu: bool) -> Plan:
     tokenizer = load_tokenizer(cfg.model)
     train_ds, eval_ds = prepare_data(cfg, tokenizer)
     sampler = GlobalBatchSampler(len(train_ds), global_batch, cfg.seed)
+    if resume_dir is not None:
+        check_resume_data(resume_dir, cfg.to_dict(), sampler.num_examples)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, int(cfg.epochs * sampler.steps_per_epoch))
     return Plan(dtype, ds_config, adapter_cfg, tokenizer, train_ds, eval_ds, sampler, total_steps, resume_dir)
 
@@ -379,8 +382,8 @@ def run_steps(cfg: TrainConfig, engine, scheduler, plan: Plan, step: int, histor
                     writer.add_scalar(f"eval/{key[5:]}" if key.startswith("eval") else f"train/{key}", record[key], step)
         if stop or (cfg.save_steps and step % cfg.save_steps == 0) or step == total_steps:
             # After skipped steps the adapters are those of the last good step: this checkpoint holds them.
-            state = {"step": step, "world_size": world, "global_batch": sampler.global_batch, "history": history,
-                     "config": cfg.to_dict()}
+            state = {"step": step, "world_size": world, "global_batch": sampler.global_batch,
+                     "num_train_examples": sampler.num_examples, "history": history, "config": cfg.to_dict()}
             path = save_checkpoint(engine, output_dir, step, state, cfg.keep_last)
             log(f"checkpoint: {path}")
         if stop:

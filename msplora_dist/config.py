@@ -75,6 +75,8 @@ class MSPLoRAConfig:
                 raise ConfigError(f"dropout={list(self.dropout)}: the {level} dropout is {p}; expected 0 <= p < 1")
         if isinstance(self.target_modules, str):
             self.target_modules = tuple(t.strip() for t in self.target_modules.split(",") if t.strip())
+        if not isinstance(self.target_modules, Sequence) or not all(isinstance(t, str) for t in self.target_modules):
+            raise ConfigError(f"target_modules={self.target_modules!r}: expected module names such as q_proj, v_proj")
         self.target_modules = tuple(self.target_modules)
         if not self.target_modules:
             raise ConfigError("target_modules is empty; expected names such as q_proj, v_proj")
@@ -83,7 +85,10 @@ class MSPLoRAConfig:
         if not isinstance(self.num_mid_groups, int) or isinstance(self.num_mid_groups, bool) or self.num_mid_groups < 1:
             raise ConfigError(f"num_mid_groups={self.num_mid_groups!r}: expected an integer >= 1")
         if self.groups is not None:
-            self.groups = tuple((int(s), int(e)) for s, e in self.groups)
+            try:
+                self.groups = tuple((int(s), int(e)) for s, e in self.groups)
+            except (TypeError, ValueError):
+                raise ConfigError(f"groups={self.groups!r}: expected a list of [start, end) layer ranges, one per mid group") from None
             if len(self.groups) != self.num_mid_groups:
                 raise ConfigError(
                     f"groups={[list(g) for g in self.groups]} has {len(self.groups)} ranges but "
@@ -112,9 +117,12 @@ class MSPLoRAConfig:
 
     def with_groups(self, num_layers: int) -> MSPLoRAConfig:
         """This config with the explicit group ranges for a model of `num_layers` decoder layers."""
-        groups = self.groups if self.groups is not None else mid_groups(num_layers, self.num_mid_groups)
-        validate_groups(groups, num_layers)
         values = {k: v for k, v in asdict(self).items() if k != "groups"}
+        if self.groups is None and self.ranks[1] == 0:
+            # The mid level is off: its group count means nothing, so a small model need not have that many layers.
+            values["num_mid_groups"] = min(self.num_mid_groups, num_layers)
+        groups = self.groups if self.groups is not None else mid_groups(num_layers, values["num_mid_groups"])
+        validate_groups(groups, num_layers)
         return MSPLoRAConfig(**values, groups=groups)
 
     def to_dict(self) -> dict:

@@ -136,6 +136,23 @@ def check_resume_compatible(directory: Path, adapter_config, hf_config: dict, gl
     return int(state["world_size"])
 
 
+# Settings that decide which tokens each step sees: a resume that changed one would silently be another run.
+DATA_ORDER_SETTINGS = ("seed", "max_seq_len", "packing", "train_on_prompt", "eval_fraction")
+
+
+def check_resume_data(directory: Path, config: dict, num_train_examples: int) -> None:
+    """Refuse a resume whose data settings or training examples differ from the checkpoint's."""
+    state = json.loads((directory / "trainer_state.json").read_text())
+    saved = state.get("config", {})
+    for key in DATA_ORDER_SETTINGS:
+        if key in saved and saved[key] != config[key]:
+            raise CheckpointError(f"--resume {str(directory)!r} was trained with {key}={saved[key]!r}; this run has "
+                                  f"{key}={config[key]!r}. Resume with the same value, or start a new run (--overwrite true)")
+    if state.get("num_train_examples") not in (None, num_train_examples):
+        raise CheckpointError(f"--resume {str(directory)!r} was trained on {state['num_train_examples']} examples; this run's "
+                              f"data gives {num_train_examples}. Resume with the same data, or start a new run (--overwrite true)")
+
+
 def _is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 

@@ -185,3 +185,22 @@ def test_count_params_equals_sum_over_targets_of_in_plus_out_times_weighted_rank
     assert report.total == expected
     for t, (i, o) in features.items():
         assert report.per_target[t] == {"global": (i + o) * r_g, "mid": (i + o) * num_groups * r_m, "layer": (i + o) * num_layers * r_l}
+
+
+@pytest.mark.parametrize("targets", [5, ["q_proj", 3]])
+def test_target_modules_that_are_not_names_raise_config_error(targets):
+    with pytest.raises(ConfigError, match=r"target_modules=.*expected module names"):
+        MSPLoRAConfig(target_modules=targets)
+
+
+@pytest.mark.parametrize("groups", [[[0, "x"]], [[0, 1, 2]], [5]])
+def test_malformed_explicit_groups_raise_config_error_naming_them(groups):
+    with pytest.raises(ConfigError, match=r"groups=.*expected a list of \[start, end\) layer ranges"):
+        MSPLoRAConfig(num_mid_groups=1, groups=groups)
+
+
+def test_a_switched_off_mid_level_does_not_need_as_many_layers_as_groups():
+    cfg = MSPLoRAConfig(ranks=(4, 0, 2), num_mid_groups=3).with_groups(2)
+    assert cfg.groups == ((0, 1), (1, 2)) and cfg.num_mid_groups == 2
+    with pytest.raises(ConfigError, match="num_mid_groups=3"):  # with the mid level on, it does
+        MSPLoRAConfig(ranks=(4, 1, 2), num_mid_groups=3).with_groups(2)

@@ -145,7 +145,7 @@ def test_zero_stage_0_is_refused(capsys, tmp_path):
     assert_refused(*run_main(capsys, tmp_path, "--ds_config", str(ds)), "stage=0", "expected 1, 2 or 3")
 
 
-def fake_checkpoint(output_dir, ranks=(8, 4, 2), targets=("q_proj", "v_proj"), hidden=None, global_batch=None):
+def fake_checkpoint(output_dir, ranks=(8, 4, 2), targets=("q_proj", "v_proj"), hidden=None, global_batch=None, **state_fields):
     """A complete checkpoint of another run: its adapter (the real format) and trainer state."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -158,7 +158,7 @@ def fake_checkpoint(output_dir, ranks=(8, 4, 2), targets=("q_proj", "v_proj"), h
     model = apply_msplora(AutoModelForCausalLM.from_config(config), MSPLoRAConfig(ranks=ranks, target_modules=targets, num_mid_groups=2))
     path = output_dir / "checkpoints" / "step-00000002"
     save_adapter(model, path / "adapter")
-    state = {"step": 2, "world_size": 1, "history": []} | ({"global_batch": global_batch} if global_batch else {})
+    state = {"step": 2, "world_size": 1, "history": []} | ({"global_batch": global_batch} if global_batch else {}) | state_fields
     (path / "trainer_state.json").write_text(json.dumps(state))
     _write_manifest(path)
     return path
@@ -169,8 +169,10 @@ def fake_checkpoint(output_dir, ranks=(8, 4, 2), targets=("q_proj", "v_proj"), h
     ({"targets": ("q_proj",)}, "adapter target_modules=['q_proj']"),
     ({"hidden": 32}, "hidden_size=32"),
     ({"global_batch": 64}, "global batch of 64 sequences; this run has"),
+    ({"config": {"seed": 7}}, "trained with seed=7; this run has seed=0"),
+    ({"num_train_examples": 12}, "trained on 12 examples; this run's data gives"),
 ])
-def test_resume_from_a_checkpoint_of_another_layout_model_or_global_batch(capsys, tmp_path, kwargs, fragment):
+def test_resume_from_a_checkpoint_of_another_layout_model_batch_or_data(capsys, tmp_path, kwargs, fragment):
     fake_checkpoint(tmp_path / "out", **kwargs)
     before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "out").rglob("*"))
     code, err, _ = run_main(capsys, tmp_path, "--resume", "latest", "--ranks", "8,4,2", "--num_mid_groups", "2",

@@ -27,17 +27,26 @@ def reference(tmp_path_factory):
     return out
 
 
+def assert_adapters_agree(run, reference):
+    """Every adapter tensor of `run` equals the reference's up to float rounding, as Adam magnifies it.
+
+    The split changes the order of float sums (micro-batches, the all-reduce). Adam divides by sqrt(v), so
+    where a gradient is small (lora_A while B is still near its zero init) it magnifies that rounding: over
+    the shipped data the typical tensor agrees to ~1e-6 and the worst reached 1.1e-4 (global.gate_proj.lora_A,
+    ZeRO-3). A wrong reduction (a missing 1/world, a per-rank mean, a shared gradient taken once) gives
+    differences of order 1e-1 in most tensors.
+    """
+    diffs = relative_differences(adapter_tensors(run), adapter_tensors(reference))
+    assert max(diffs) < 5e-4 and sorted(diffs)[len(diffs) // 2] < 2e-6, (sorted(diffs)[len(diffs) // 2], sorted(diffs)[-3:])
+
+
 def assert_same_training(run, reference):
     ours, ref = summary(run), summary(reference)
     assert ours["steps"] == ref["steps"] == 4 and ref["global_batch"] == ours["global_batch"] == 8
     for mine, theirs in zip(ours["history"], ref["history"], strict=True):
         assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-5)
     assert ours["final_eval_loss"] == pytest.approx(ref["final_eval_loss"], rel=1e-5)
-    # Adam divides by sqrt(v): in coordinates whose gradient is near zero (q/k at a random init) it
-    # magnifies float rounding, so a few tensors reach ~2e-5 while the typical one agrees to ~3e-7.
-    # A wrong reduction (a missing 1/world, a per-rank mean) shows up as differences of order 1e-1.
-    diffs = relative_differences(adapter_tensors(run), adapter_tensors(reference))
-    assert max(diffs) < 5e-5 and sorted(diffs)[len(diffs) // 2] < 2e-6, sorted(diffs)[-3:]
+    assert_adapters_agree(run, reference)
     # The adapters moved: the comparison is not between two untrained copies.
     assert ref["history"][-1]["loss"] < ref["history"][0]["loss"] or ref["final_eval_loss"] < ref["first_eval_loss"] + 1
 
@@ -128,6 +137,5 @@ def test_resume_on_another_number_of_ranks_continues_the_same_run(tmp_path, ds_c
         assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-5)
     # A resume that skips DeepSpeed's state (tried: fp32 masters, Adam moments and step all left at their
     # start values) fails the loss check above at step 5, after the first update since the resume, by 40%.
-    diffs = relative_differences(adapter_tensors(resumed), adapter_tensors(full))
-    assert max(diffs) < 5e-5 and sorted(diffs)[len(diffs) // 2] < 2e-6, sorted(diffs)[-3:]
+    assert_adapters_agree(resumed, full)
     assert not list((resumed / "checkpoints").glob(".universal-*"))  # the converted copy is removed

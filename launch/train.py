@@ -22,6 +22,7 @@ file (`--config run.yaml`); flags override it. `python launch/train.py ...` runs
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -64,7 +65,7 @@ from msplora_dist.distributed import init_distributed, shutdown_distributed
 from msplora_dist.ds_config import read_ds_config, resolve_ds_config, zero_stage
 from msplora_dist.errors import ConfigError
 from msplora_dist.model import adapter_params
-from msplora_dist.train_config import TrainConfig, parse_config, save_config_yaml
+from msplora_dist.train_config import ATTN_IMPLEMENTATIONS, TrainConfig, parse_config, save_config_yaml
 from msplora_dist.train_state import (
     check_resume_compatible,
     check_resume_data,
@@ -104,7 +105,7 @@ def prepare_data(cfg: TrainConfig, tokenizer):
     evals = None
     if eval_rows is not None:
         evals = tokenize_dataset(eval_rows, eval_fmt, tokenizer, cfg.max_seq_len, cfg.train_on_prompt, cfg.eval_data or cfg.data)
-        log(f"eval: {len(evals.dataset)} rows ({evals.num_truncated} truncated)")
+        log(f"eval: {len(evals.dataset)} rows ({evals.num_truncated} truncated, {evals.num_dropped} dropped: no response token left)")
     train_ds = pack_examples(train.dataset, cfg.max_seq_len, cfg.seed) if cfg.packing else train.dataset
     return train_ds, (evals.dataset if evals else None)
 
@@ -207,17 +208,23 @@ def preflight(cfg: TrainConfig, world: int, on_gpu: bool) -> Plan:
                           f"expected some of {list(features)}")
     if cfg.load_in_4bit:
         quantization_config(DTYPES[dtype])  # bitsandbytes importable and usable
+    needed = ATTN_IMPLEMENTATIONS[cfg.attn_implementation]
+    if needed and importlib.util.find_spec(needed) is None:
+        raise ConfigError(f"attn_implementation={cfg.attn_implementation!r} needs the {needed} package, which is not installed; "
+                          "expected sdpa or eager, or install it")
     largest = max(max(adapter_cfg.ranks) * f for t in adapter_cfg.target_modules for f in features[t])
     global_batch = cfg.micro_batch_size * cfg.grad_accum * world
-    resume_dir, resume_world = None, world
+    ds_config = resolve_ds_config(raw_ds, cfg, world_size=world, dtype=dtype, largest_adapter_numel=largest)
+    resume_dir = None
     if cfg.resume:
         resume_dir = find_resume_dir(cfg.output_dir, cfg.resume, log=log)
-        resume_world = check_resume_compatible(resume_dir, adapter_cfg, hf_config, global_batch)
+        resume_world = check_resume_compatible(resume_dir, adapter_cfg, hf_config,
+                                               {"global_batch": global_batch, "zero_stage": zero_stage(ds_config), "dtype": dtype})
         if resume_world != world:
             log(f"resume: {resume_dir} was written by {resume_world} ranks, this run has {world}; its optimizer state "
                 "is re-partitioned through DeepSpeed's universal checkpoint format")
-    ds_config = resolve_ds_config(raw_ds, cfg, world_size=world, dtype=dtype, largest_adapter_numel=largest,
-                                  load_universal=resume_world != world)
+            ds_config = resolve_ds_config(raw_ds, cfg, world_size=world, dtype=dtype, largest_adapter_numel=largest,
+                                          load_universal=True)
 
     output_dir = Path(cfg.output_dir)
     try:
@@ -277,9 +284,10 @@ def train(cfg: TrainConfig) -> dict:
 
     rank, world = init_distributed(on_gpu)
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
-    if cfg.overwrite and rank == 0:
-        for earlier in (checkpoint_root(output_dir), output_dir / "adapter"):
+    if cfg.overwrite and rank == 0:  # everything an earlier run wrote, so nothing of it is mistaken for this run's
+        for earlier in (checkpoint_root(output_dir), output_dir / "adapter", output_dir / "analysis", output_dir / "tb"):
             shutil.rmtree(earlier, ignore_errors=True)
+        (output_dir / "summary.json").unlink(missing_ok=True)
     engine, scheduler = build_engine(cfg, plan)
     if rank == 0:
         save_config_yaml(cfg, output_dir / "train_config.yaml")
@@ -296,6 +304,9 @@ def train(cfg: TrainConfig) -> dict:
         state = load_checkpoint(engine, plan.resume_dir)
         step, history = state["step"], state["history"]
         log(f"resumed from {plan.resume_dir} at step {step}")
+        if step >= plan.total_steps:
+            log(f"note: the checkpoint is at step {step} of {plan.total_steps}: nothing is left to train; the final adapter "
+                "is written again. Raise --max_steps or --epochs to train further")
 
     writer = None
     if rank == 0:
@@ -332,6 +343,7 @@ def run_steps(cfg: TrainConfig, engine, scheduler, plan: Plan, step: int, histor
     nonfinite_in_a_row = 0
     while step < total_steps:
         t0 = time.perf_counter()
+        lr = scheduler.get_last_lr()[0]  # the rate this step's update uses (engine.step advances the schedule)
         indices = sampler.global_batch_indices(step)
         # Every rank computes the global batch's loss-token count itself: the loss is the token mean
         # over the whole global batch, whatever the split into ranks and micro-batches.
@@ -360,7 +372,7 @@ def run_steps(cfg: TrainConfig, engine, scheduler, plan: Plan, step: int, histor
             raise TrainingStopped(f"step {step}: the loss is {loss} but the optimizer applied the update; the adapters may "
                                   "be corrupt (this should not happen with ZeRO stage >= 1), stopping")
         grad_norm = engine.get_global_grad_norm()
-        record = {"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0],
+        record = {"step": step, "loss": loss, "lr": lr,
                   "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                   "tokens": int(stats[1].item()), "time_s": time.perf_counter() - t0}
         record["tokens_per_s"] = record["tokens"] / record["time_s"]
@@ -382,8 +394,8 @@ def run_steps(cfg: TrainConfig, engine, scheduler, plan: Plan, step: int, histor
                     writer.add_scalar(f"eval/{key[5:]}" if key.startswith("eval") else f"train/{key}", record[key], step)
         if stop or (cfg.save_steps and step % cfg.save_steps == 0) or step == total_steps:
             # After skipped steps the adapters are those of the last good step: this checkpoint holds them.
-            state = {"step": step, "world_size": world, "global_batch": sampler.global_batch,
-                     "num_train_examples": sampler.num_examples, "history": history, "config": cfg.to_dict()}
+            state = {"step": step, "world_size": world, "global_batch": sampler.global_batch, "zero_stage": zero_stage(plan.ds_config),
+                     "dtype": plan.dtype, "num_train_examples": sampler.num_examples, "history": history, "config": cfg.to_dict()}
             path = save_checkpoint(engine, output_dir, step, state, cfg.keep_last)
             log(f"checkpoint: {path}")
         if stop:

@@ -21,6 +21,9 @@ from msplora_dist.errors import ConfigError
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# transformers' attention back-ends (None: its default) and the package each needs beyond torch.
+ATTN_IMPLEMENTATIONS = {None: None, "eager": None, "sdpa": None, "flex_attention": None,
+                        "flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
 
 
 @dataclass
@@ -118,10 +121,10 @@ class TrainConfig:
     """Optional YAML file of any of these fields; command-line flags override it."""
 
     def __post_init__(self):
-        for name in ("micro_batch_size", "grad_accum", "keep_last"):
+        for name in ("micro_batch_size", "grad_accum", "keep_last", "log_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)}: expected an integer >= 1")
-        for name in ("save_steps", "eval_steps", "log_steps", "max_nonfinite_steps"):
+        for name in ("save_steps", "eval_steps", "max_nonfinite_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)}: expected an integer >= 0")
         if self.max_steps == 0 or self.max_steps < -1:
@@ -136,8 +139,13 @@ class TrainConfig:
             raise ConfigError(f"min_lr_ratio={self.min_lr_ratio}: expected 0 <= min_lr_ratio <= 1")
         if not 0 <= self.eval_fraction < 1:
             raise ConfigError(f"eval_fraction={self.eval_fraction}: expected 0 <= eval_fraction < 1")
-        if self.max_grad_norm < 0:
-            raise ConfigError(f"max_grad_norm={self.max_grad_norm}: expected >= 0 (0 turns clipping off)")
+        if not (self.max_grad_norm >= 0 and math.isfinite(self.max_grad_norm)):  # NaN fails every comparison
+            raise ConfigError(f"max_grad_norm={self.max_grad_norm}: expected a finite number >= 0 (0 turns clipping off)")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise ConfigError(f"weight_decay={self.weight_decay}: expected a finite number >= 0")
+        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise ConfigError(f"attn_implementation={self.attn_implementation!r}: expected one of "
+                              f"{', '.join(str(a) for a in ATTN_IMPLEMENTATIONS)}")
         if self.dtype not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"dtype={self.dtype!r}: expected one of auto, bf16, fp32")
         if self.max_seq_len < 8:

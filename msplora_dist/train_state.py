@@ -108,9 +108,10 @@ def find_resume_dir(output_dir: str | Path, resume: str, log=print) -> Path:
     raise CheckpointError(f"--resume latest: no valid checkpoint in {str(checkpoint_root(output_dir))!r}")
 
 
-def check_resume_compatible(directory: Path, adapter_config, hf_config: dict, global_batch: int) -> int:
-    """Refuse, before anything is loaded, a checkpoint from another adapter layout, model or global batch.
-    Returns the number of ranks that wrote it (another number is fine: see load_checkpoint)."""
+def check_resume_compatible(directory: Path, adapter_config, hf_config: dict, run: dict) -> int:
+    """Refuse, before anything is loaded, a checkpoint from another adapter layout, model, global batch,
+    ZeRO stage or dtype (run: this run's global_batch, zero_stage and resolved dtype). Returns the number
+    of ranks that wrote it (another number is fine: see load_checkpoint)."""
     from msplora_dist.checkpoint import read_adapter_config
 
     saved, meta = read_adapter_config(directory / "adapter")
@@ -126,13 +127,18 @@ def check_resume_compatible(directory: Path, adapter_config, hf_config: dict, gl
                                   f"--model has {key}={ours!r}")
     state = json.loads((directory / "trainer_state.json").read_text())
     saved_batch = state.get("global_batch")
-    if saved_batch is not None and saved_batch != global_batch:
+    if saved_batch is not None and saved_batch != run["global_batch"]:
         # The data order and the schedule are defined per global batch: another size is another run.
         raise CheckpointError(
             f"--resume {str(directory)!r} was trained with a global batch of {saved_batch} sequences; this run has "
-            f"{global_batch} (micro_batch_size x grad_accum x ranks). Keep the global batch: choose --grad_accum so that "
+            f"{run['global_batch']} (micro_batch_size x grad_accum x ranks). Keep the global batch: choose --grad_accum so that "
             f"micro_batch_size x grad_accum x ranks = {saved_batch}"
         )
+    # DeepSpeed's optimizer files differ by stage and precision: resume with the ones the run had.
+    for key, flag in (("zero_stage", "ZeRO stage (--ds_config)"), ("dtype", "--dtype")):
+        if state.get(key) is not None and state[key] != run[key]:
+            raise CheckpointError(f"--resume {str(directory)!r} was trained with {key}={state[key]!r}; this run has "
+                                  f"{key}={run[key]!r}. Resume with the same {flag}")
     return int(state["world_size"])
 
 

@@ -38,6 +38,11 @@ def test_launcher_local_rank_flag_is_accepted():
     (["--max_steps", "0"], "max_steps=0"),
     (["--micro_batch_size", "two"], "micro_batch_size='two'"),
     (["--load_in_4bit", "maybe"], "load_in_4bit='maybe'"),
+    (["--log_steps", "0"], "log_steps=0: expected an integer >= 1"),
+    (["--weight_decay", "-0.1"], "weight_decay=-0.1: expected a finite number >= 0"),
+    (["--weight_decay", "nan"], "weight_decay=nan"),
+    (["--max_grad_norm", "nan"], "max_grad_norm=nan: expected a finite number >= 0"),
+    (["--attn_implementation", "foo"], "attn_implementation='foo': expected one of None, eager, sdpa"),
 ])
 def test_bad_values_name_the_field_and_value(argv, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):

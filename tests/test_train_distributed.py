@@ -4,6 +4,7 @@ backbone really partitioned), with a 4-bit backbone too; resume continues the ru
 
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 
@@ -59,6 +60,25 @@ def assert_backbone_halved(part: dict, max_persistent: float) -> None:
     for local in part["local_numel_per_rank"]:
         # A shard is padded to a multiple of the world size: allow a few elements per tensor.
         assert abs(local - (1.5 * persistent + (full - persistent) / 2)) <= 0.005 * full, part
+
+
+def test_the_logged_learning_rate_is_the_one_each_step_used(reference):
+    # lr 1e-2, 4 steps, warmup 5% (none at 4 steps), cosine to 10%: step k (1-based) updates with
+    # lr * (0.1 + 0.9 * (1 + cos(pi * (k - 1) / 4)) / 2).
+    logged = [h["lr"] for h in summary(reference)["history"] if "lr" in h]
+    assert logged == pytest.approx([1e-2 * (0.1 + 0.45 * (1 + math.cos(math.pi * k / 4))) for k in range(4)], rel=1e-9)
+
+
+def test_overwrite_replaces_everything_an_earlier_run_wrote(reference, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    (out / "analysis").mkdir()  # as a run with --analyze true leaves it
+    (out / "analysis" / "report.json").write_text("{}")
+    assert len(list((out / "tb").iterdir())) == 1
+    run_train(out, "--ds_config", ZERO2, "--micro_batch_size", "8", "--grad_accum", "1", *COMMON, "--max_steps", "1",
+              "--overwrite", "true")
+    assert not (out / "analysis").exists() and len(list((out / "tb").iterdir())) == 1
+    assert summary(out)["steps"] == 1 and [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000001"]
 
 
 def test_zero3_two_ranks_with_checkpointing_match_one_rank_and_partition_the_backbone(reference, tmp_path):

@@ -171,6 +171,8 @@ def fake_checkpoint(output_dir, ranks=(8, 4, 2), targets=("q_proj", "v_proj"), h
     ({"global_batch": 64}, "global batch of 64 sequences; this run has"),
     ({"config": {"seed": 7}}, "trained with seed=7; this run has seed=0"),
     ({"num_train_examples": 12}, "trained on 12 examples; this run's data gives"),
+    ({"zero_stage": 2}, "trained with zero_stage=2; this run has zero_stage=3. Resume with the same ZeRO stage (--ds_config)"),
+    ({"dtype": "bf16"}, "trained with dtype='bf16'; this run has dtype='fp32'. Resume with the same --dtype"),
 ])
 def test_resume_from_a_checkpoint_of_another_layout_model_batch_or_data(capsys, tmp_path, kwargs, fragment):
     fake_checkpoint(tmp_path / "out", **kwargs)
@@ -201,3 +203,12 @@ def test_a_checkpoint_deepspeed_cannot_convert_for_another_world_size_is_a_clear
     (tmp_path / "ds" / "state").mkdir(parents=True)  # no DeepSpeed files in it
     with pytest.raises(CheckpointError, match=r"for a different number of ranks failed .*ds_to_universal exited"):
         convert_to_universal(tmp_path / "ds" / "state", tmp_path / "universal" / "state")
+
+
+def test_an_attention_backend_whose_package_is_missing_is_refused_before_loading(capsys, tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed here")
+    assert_refused(*run_main(capsys, tmp_path, "--attn_implementation", "flash_attention_2"),
+                   "attn_implementation='flash_attention_2' needs the flash_attn package")

@@ -66,7 +66,13 @@ def load_rows(path: str | os.PathLike) -> datasets.Dataset:
                 if not all(isinstance(r, dict) for r in rows):
                     raise DataError(f"data {str(path)!r}: expected a JSON array of objects")
                 return datasets.Dataset.from_list(rows)
-            return datasets.load_dataset("json", data_files=str(path), split="train")
+            # datasets logs its own parse error before raising; ours (below) names the line instead.
+            verbosity = datasets.logging.get_verbosity()
+            datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+            try:
+                return datasets.load_dataset("json", data_files=str(path), split="train")
+            finally:
+                datasets.logging.set_verbosity(verbosity)
         if suffix == ".parquet":
             return datasets.load_dataset("parquet", data_files=str(path), split="train")
     except DataError:

@@ -97,6 +97,8 @@ def find_resume_dir(output_dir: str | Path, resume: str, log=print) -> Path:
     if resume != "latest":
         path = Path(resume)
         problem = verify_checkpoint(path) if path.is_dir() else "no such directory"
+        if problem and path.is_dir() and any(STEP_DIR.match(p.name) for p in path.iterdir()):
+            problem = "it is a folder of checkpoints, not one; pass one of its step-N folders, or --resume latest"
         if problem:
             raise CheckpointError(f"--resume {str(path)!r}: {problem}; expected a checkpoint directory written by the trainer")
         return path

@@ -101,7 +101,16 @@ def test_real_script_prints_one_line_and_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "line 2" in proc.stderr
+    # Nothing else: datasets' own "Failed to load JSON ..." log line is silenced.
+    assert [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("[20")] == \
+        proc.stderr.strip().splitlines()[-1:], proc.stderr
     assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_resume_from_the_checkpoints_folder_itself_says_to_pass_one_of_its_steps(capsys, tmp_path):
+    ckpt = fake_checkpoint(tmp_path / "out")
+    code, err, _ = run_main(capsys, tmp_path, "--resume", str(ckpt.parent))
+    assert code == 2 and len(err) == 1 and "it is a folder of checkpoints, not one; pass one of its step-N folders" in err[0], err
 
 
 @pytest.mark.parametrize("bad", ["--micro_batch_size=0", "--ranks=1,2", "--num_mid_groups=9"])

@@ -304,6 +304,9 @@ def train(cfg: TrainConfig) -> dict:
         state = load_checkpoint(engine, plan.resume_dir)
         step, history = state["step"], state["history"]
         log(f"resumed from {plan.resume_dir} at step {step}")
+        if state.get("total_steps") not in (None, plan.total_steps):
+            log(f"note: the checkpoint's run had {state['total_steps']} steps, this one has {plan.total_steps}: the warmup + cosine "
+                "schedule is recomputed for the new length, so the learning rate jumps at the resume")
         if step >= plan.total_steps:
             log(f"note: the checkpoint is at step {step} of {plan.total_steps}: nothing is left to train; the final adapter "
                 "is written again. Raise --max_steps or --epochs to train further")
@@ -395,7 +398,8 @@ def run_steps(cfg: TrainConfig, engine, scheduler, plan: Plan, step: int, histor
         if stop or (cfg.save_steps and step % cfg.save_steps == 0) or step == total_steps:
             # After skipped steps the adapters are those of the last good step: this checkpoint holds them.
             state = {"step": step, "world_size": world, "global_batch": sampler.global_batch, "zero_stage": zero_stage(plan.ds_config),
-                     "dtype": plan.dtype, "num_train_examples": sampler.num_examples, "history": history, "config": cfg.to_dict()}
+                     "dtype": plan.dtype, "num_train_examples": sampler.num_examples, "total_steps": total_steps, "history": history,
+                     "config": cfg.to_dict()}
             path = save_checkpoint(engine, output_dir, step, state, cfg.keep_last)
             log(f"checkpoint: {path}")
         if stop:

@@ -208,7 +208,7 @@ def preflight(cfg: TrainConfig, world: int, on_gpu: bool) -> Plan:
                           f"expected some of {list(features)}")
     if cfg.load_in_4bit:
         quantization_config(DTYPES[dtype])  # bitsandbytes importable and usable
-    needed = ATTN_IMPLEMENTATIONS[cfg.attn_implementation]
+    needed = ATTN_IMPLEMENTATIONS.get(cfg.attn_implementation)
     if needed and importlib.util.find_spec(needed) is None:
         raise ConfigError(f"attn_implementation={cfg.attn_implementation!r} needs the {needed} package, which is not installed; "
                           "expected sdpa or eager, or install it")
@@ -221,7 +221,7 @@ def preflight(cfg: TrainConfig, world: int, on_gpu: bool) -> Plan:
         resume_world = check_resume_compatible(resume_dir, adapter_cfg, hf_config,
                                                {"global_batch": global_batch, "zero_stage": zero_stage(ds_config), "dtype": dtype})
         if resume_world != world:
-            log(f"resume: {resume_dir} was written by {resume_world} ranks, this run has {world}; its optimizer state "
+            log(f"resume: {resume_dir} was written by {resume_world} rank(s), this run has {world}; its optimizer state "
                 "is re-partitioned through DeepSpeed's universal checkpoint format")
             ds_config = resolve_ds_config(raw_ds, cfg, world_size=world, dtype=dtype, largest_adapter_numel=largest,
                                           load_universal=True)
@@ -301,7 +301,7 @@ def train(cfg: TrainConfig) -> dict:
         f"full config in {output_dir / 'train_config.yaml'}")
     step, history = 0, []
     if plan.resume_dir is not None:
-        state = load_checkpoint(engine, plan.resume_dir)
+        state = load_checkpoint(engine, plan.resume_dir, checkpoint_root(output_dir))
         step, history = state["step"], state["history"]
         log(f"resumed from {plan.resume_dir} at step {step}")
         if state.get("total_steps") not in (None, plan.total_steps):

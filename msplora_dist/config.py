@@ -6,7 +6,7 @@ The three levels are always listed in the order (global, mid, layer); see ../sha
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
 from msplora_dist.errors import ConfigError
@@ -75,7 +75,7 @@ class MSPLoRAConfig:
                 raise ConfigError(f"dropout={list(self.dropout)}: the {level} dropout is {p}; expected 0 <= p < 1")
         if isinstance(self.target_modules, str):
             self.target_modules = tuple(t.strip() for t in self.target_modules.split(",") if t.strip())
-        if not isinstance(self.target_modules, Sequence) or not all(isinstance(t, str) for t in self.target_modules):
+        if not isinstance(self.target_modules, Iterable) or not all(isinstance(t, str) for t in self.target_modules):
             raise ConfigError(f"target_modules={self.target_modules!r}: expected module names such as q_proj, v_proj")
         self.target_modules = tuple(self.target_modules)
         if not self.target_modules:

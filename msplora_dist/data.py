@@ -131,8 +131,7 @@ def _segments(row: dict, fmt: str, tokenizer, lineno: int) -> list[tuple[str, bo
     for i, message in enumerate(messages):
         if message["role"] == "assistant":
             through = render(messages[: i + 1])
-            # An opening assistant turn: its header is what the template writes before its content.
-            before = render(messages[:i], generation_prompt=True) if i else through[:max(0, through.find(message["content"]))]
+            before = render(messages[:i], generation_prompt=True) if i else _opening_header(render, lineno)
             if not before.startswith(rendered) or not through.startswith(before):
                 raise DataError(f"row {lineno}: the tokenizer's chat template does not render conversations prefix by prefix")
             segments += [(before[len(rendered):], False), (through[len(before):], True)]
@@ -141,6 +140,16 @@ def _segments(row: dict, fmt: str, tokenizer, lineno: int) -> list[tuple[str, bo
     if full[len(rendered):]:
         segments.append((full[len(rendered):], False))
     return [s for s in segments if s[0]]
+
+
+def _opening_header(render, lineno: int) -> str:
+    """What the template writes before the content of a conversation's opening assistant turn (the part that
+    takes no loss): rendered around a marker no real content contains, since templates may trim content."""
+    marker = "\x00MSPLORA-CONTENT\x00"
+    text = render([{"role": "assistant", "content": marker}])
+    if marker not in text:
+        raise DataError(f"row {lineno}: the tokenizer's chat template does not write an opening assistant turn's content as given")
+    return text[:text.index(marker)]
 
 
 def _loss_mask(tokenizer, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[bool]]:
@@ -154,13 +163,19 @@ def _loss_mask(tokenizer, text: str, spans: list[tuple[int, int]]) -> tuple[list
         ids = enc["input_ids"]
         mask = [any(start < b and max(end, start + 1) > a for a, b in spans) for start, end in enc["offset_mapping"]]
         return ids, mask
-    # Slow tokenizers have no offsets: a span's tokens are those between the token counts of its prefixes.
+    # Slow tokenizers have no offsets. A span starts after the tokens the text before it shares with the
+    # whole text: a prefix can tokenize differently at its end (SentencePiece makes a trailing space its own
+    # piece, "▁", where the whole text joins it to the next word as "▁H"), so counting its tokens is not enough.
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def shared(prefix: str) -> int:
+        head = tokenizer(prefix, add_special_tokens=False)["input_ids"] if prefix else []
+        return next((i for i, (x, y) in enumerate(zip(head, ids, strict=False)) if x != y), min(len(head), len(ids)))
+
     mask = [False] * len(ids)
     for a, b in spans:
-        first = len(tokenizer(text[:a], add_special_tokens=False)["input_ids"]) if a else 0
-        last = len(tokenizer(text[:b], add_special_tokens=False)["input_ids"])
-        mask[first:last] = [True] * (last - first)
+        first, last = shared(text[:a]), len(ids) if b == len(text) else shared(text[:b])
+        mask[first:last] = [True] * max(0, last - first)
     return ids, mask
 
 

@@ -44,15 +44,17 @@ def cpu_allreduce_buffer(rank: int) -> Path:
 
 
 def shutdown_distributed() -> None:
-    """Destroy the process group and remove this rank's CPU all-reduce segment (a no-op when none exists).
+    """Destroy the process group and remove the run's CPU all-reduce segments (a no-op where none exists).
 
-    Removing is safe once the group is gone: the peers that mapped the segment keep their mappings, and
-    nobody opens it again.
+    Every rank removes every rank's segment, so one that died without cleaning up leaves nothing behind
+    either. Removing is safe once the group is gone: processes that mapped a segment keep their mappings,
+    and nobody opens it again.
     """
     if not dist.is_initialized():
         return
-    rank = dist.get_rank()
+    world = dist.get_world_size()
     try:
         dist.destroy_process_group()
     finally:  # also when a dead peer makes the teardown fail
-        cpu_allreduce_buffer(rank).unlink(missing_ok=True)
+        for rank in range(world):
+            cpu_allreduce_buffer(rank).unlink(missing_ok=True)

@@ -143,9 +143,9 @@ class TrainConfig:
             raise ConfigError(f"max_grad_norm={self.max_grad_norm}: expected a finite number >= 0 (0 turns clipping off)")
         if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
             raise ConfigError(f"weight_decay={self.weight_decay}: expected a finite number >= 0")
-        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
+        if self.attn_implementation not in ATTN_IMPLEMENTATIONS and "/" not in self.attn_implementation:  # "/": a hub kernel
             raise ConfigError(f"attn_implementation={self.attn_implementation!r}: expected one of "
-                              f"{', '.join(str(a) for a in ATTN_IMPLEMENTATIONS)}")
+                              f"{', '.join(a for a in ATTN_IMPLEMENTATIONS if a)} (or unset for transformers' default)")
         if self.dtype not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"dtype={self.dtype!r}: expected one of auto, bf16, fp32")
         if self.max_seq_len < 8:

@@ -128,7 +128,9 @@ def check_resume_compatible(directory: Path, adapter_config, hf_config: dict, ru
             raise CheckpointError(f"--resume {str(directory)!r} was trained on a model with {key}={signature.get(key)!r}; "
                                   f"--model has {key}={ours!r}")
     state = json.loads((directory / "trainer_state.json").read_text())
-    saved_batch = state.get("global_batch")
+    saved_config = state.get("config", {})
+    saved_batch = state.get("global_batch") or (  # checkpoints written before global_batch was stored
+        saved_config.get("micro_batch_size", 0) * saved_config.get("grad_accum", 0) * state.get("world_size", 0) or None)
     if saved_batch is not None and saved_batch != run["global_batch"]:
         # The data order and the schedule are defined per global batch: another size is another run.
         raise CheckpointError(
@@ -198,7 +200,7 @@ def save_checkpoint(engine, output_dir: str | Path, step: int, trainer_state: di
     return final
 
 
-def load_checkpoint(engine, directory: Path) -> dict:
+def load_checkpoint(engine, directory: Path, scratch_root: Path) -> dict:
     """Restore adapters, optimizer, scheduler and RNG; returns trainer_state. Check the checkpoint with
     check_resume_compatible first (and, for another number of ranks, build the engine with
     checkpoint.load_universal on: resolve_ds_config(load_universal=True)).
@@ -206,8 +208,9 @@ def load_checkpoint(engine, directory: Path) -> dict:
     The same number of ranks reloads DeepSpeed's own per-rank files and every rank's RNG state: the run
     continues bit for bit. Another number of ranks cannot read ZeRO's per-rank optimizer partitions, so
     rank 0 first converts them with DeepSpeed's own tool (deepspeed.checkpoint.ds_to_universal) into
-    a sibling folder, and every rank loads its new partition from there; the RNG is then seeded from
-    (seed, step, rank), since the old ranks' dropout streams have no counterpart.
+    a folder under scratch_root (this run's checkpoints folder: the resumed checkpoint may be read-only), and
+    every rank loads its new partition from there; the RNG is then seeded from (seed, step, rank), since the
+    old ranks' dropout streams have no counterpart.
     """
     from msplora_dist.checkpoint import load_adapter
 
@@ -219,14 +222,15 @@ def load_checkpoint(engine, directory: Path) -> dict:
                                load_optimizer_states=True, load_lr_scheduler_states=True)
         set_rng_state(torch.load(directory / f"rng-rank{rank}.pt", weights_only=False))
         return state
-    universal = directory.parent / f".universal-{directory.name}"
+    universal = Path(scratch_root) / f".universal-{directory.name}"
     failure = [None]
     if rank == 0:
         try:
             convert_to_universal(directory / "ds" / "state", universal / "state")
-        except CheckpointError as err:
+        except (CheckpointError, OSError) as err:  # OSError: the scratch folder could not be written
             shutil.rmtree(universal, ignore_errors=True)
-            failure = [str(err)]
+            failure = [str(err) if isinstance(err, CheckpointError) else
+                       f"cannot write the converted checkpoint to {str(universal)!r} ({err.strerror or err})"]
     if dist.is_initialized():
         dist.broadcast_object_list(failure, src=0)  # every rank stops with the same message, none hangs
     if failure[0] is not None:
@@ -258,5 +262,7 @@ def convert_to_universal(ds_dir: Path, out: Path) -> None:
            "--inject_missing_state"]  # the version key Megatron-style clients store; we have nothing else to add
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
+        shutil.rmtree(out.parent, ignore_errors=True)
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]  # the exception line of its traceback
         raise CheckpointError(f"converting {str(ds_dir)!r} for a different number of ranks failed "
-                              f"(deepspeed.checkpoint.ds_to_universal exited {proc.returncode}): {proc.stderr.strip()[-2000:]}")
+                              f"(deepspeed.checkpoint.ds_to_universal exited {proc.returncode}): {last}")

@@ -100,7 +100,35 @@ def test_a_conversation_opening_with_the_assistant_takes_no_loss_on_the_header(t
     messages = [{"role": "assistant", "content": "Hi, how can I help?"}, {"role": "user", "content": "bye"}]
     ex = tokenize_row({"messages": messages}, "chat", tokenizer, 256, train_on_prompt=False)
     learned = tokenizer.decode([t for t in ex["labels"] if t != IGNORE_INDEX])
-    assert learned.startswith("Hi, how can I help?") and "assistant" not in learned and "bye" not in learned
+    assert learned.startswith("Hi, how can I help?") and "Assistant" not in learned and "bye" not in learned
+    # Content that also occurs inside the header ("s" in "<s>") must not move the cut.
+    ex = tokenize_row({"messages": [{"role": "assistant", "content": "s"}]}, "chat", tokenizer, 256, train_on_prompt=False)
+    assert "Assistant" not in tokenizer.decode([t for t in ex["labels"] if t != IGNORE_INDEX])
+
+
+class OffsetlessTokenizer:
+    """The tiny tokenizer seen as a slow one: ids only, no offsets."""
+
+    is_fast = False
+
+    def __init__(self, fast):
+        self.fast = fast
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": self.fast(text, add_special_tokens=add_special_tokens)["input_ids"]}
+
+
+def test_the_loss_mask_of_tokenizers_without_offsets_equals_the_offset_one(tokenizer):
+    from msplora_dist.data import _loss_mask
+
+    # "Assistant: " ends with a space that SentencePiece tokenizes alone as a prefix, but joins to "Hi" in
+    # the whole text: the reply's first token must still take loss.
+    for text, learned in [("<s>User: hey\nAssistant: Hi there</s>\nUser: bye\n", "Hi there</s>"),
+                          ("### Response:\n1, 2", "1, 2"), ("a b c d", "a b c d")]:
+        spans = [(text.index(learned), text.index(learned) + len(learned))]
+        ids, mask = _loss_mask(OffsetlessTokenizer(tokenizer), text, spans)
+        assert (ids, mask) == _loss_mask(tokenizer, text, spans), text
+        assert tokenizer.decode([t for t, m in zip(ids, mask, strict=True) if m]).strip() == learned
 
 
 @pytest.mark.parametrize(("row", "fmt", "fragment"), [

@@ -150,7 +150,7 @@ def test_resume_on_another_number_of_ranks_continues_the_same_run(tmp_path, ds_c
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(full / "checkpoints" / "step-00000003", resumed / "checkpoints" / "step-00000003")
     proc = run_train(resumed, *args, "--micro_batch_size", "4", "--grad_accum", "1", "--resume", "latest", nproc=2)
-    assert "written by 1 ranks, this run has 2" in proc.stdout
+    assert "written by 1 rank(s), this run has 2" in proc.stdout
     a, b = summary(full)["history"], summary(resumed)["history"]
     assert [h["step"] for h in b] == [1, 2, 3, 4, 5, 6] and summary(resumed)["world_size"] == 2
     for mine, theirs in zip(b, a, strict=True):

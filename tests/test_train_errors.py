@@ -210,8 +210,9 @@ def test_a_checkpoint_deepspeed_cannot_convert_for_another_world_size_is_a_clear
     from msplora_dist.train_state import convert_to_universal
 
     (tmp_path / "ds" / "state").mkdir(parents=True)  # no DeepSpeed files in it
-    with pytest.raises(CheckpointError, match=r"for a different number of ranks failed .*ds_to_universal exited"):
+    with pytest.raises(CheckpointError, match=r"for a different number of ranks failed .*ds_to_universal exited") as info:
         convert_to_universal(tmp_path / "ds" / "state", tmp_path / "universal" / "state")
+    assert "\n" not in str(info.value) and not (tmp_path / "universal").exists()  # one line, nothing left behind
 
 
 def test_an_attention_backend_whose_package_is_missing_is_refused_before_loading(capsys, tmp_path):

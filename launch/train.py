@@ -397,7 +397,7 @@ def run_steps(cfg: TrainConfig, engine, scheduler, plan: Plan, step: int, histor
                     writer.add_scalar(f"eval/{key[5:]}" if key.startswith("eval") else f"train/{key}", record[key], step)
         if stop or (cfg.save_steps and step % cfg.save_steps == 0) or step == total_steps:
             # After skipped steps the adapters are those of the last good step: this checkpoint holds them.
-            state = {"step": step, "world_size": world, "global_batch": sampler.global_batch, "zero_stage": zero_stage(plan.ds_config),
+            state = {"step": step, "world_size": world, "zero_stage": zero_stage(plan.ds_config),
                      "dtype": plan.dtype, "num_train_examples": sampler.num_examples, "total_steps": total_steps, "history": history,
                      "config": cfg.to_dict()}
             path = save_checkpoint(engine, output_dir, step, state, cfg.keep_last)

@@ -129,8 +129,7 @@ def check_resume_compatible(directory: Path, adapter_config, hf_config: dict, ru
                                   f"--model has {key}={ours!r}")
     state = json.loads((directory / "trainer_state.json").read_text())
     saved_config = state.get("config", {})
-    saved_batch = state.get("global_batch") or (  # checkpoints written before global_batch was stored
-        saved_config.get("micro_batch_size", 0) * saved_config.get("grad_accum", 0) * state.get("world_size", 0) or None)
+    saved_batch = saved_config.get("micro_batch_size", 0) * saved_config.get("grad_accum", 0) * state.get("world_size", 0) or None
     if saved_batch is not None and saved_batch != run["global_batch"]:
         # The data order and the schedule are defined per global batch: another size is another run.
         raise CheckpointError(

@@ -154,7 +154,7 @@ def test_zero_stage_0_is_refused(capsys, tmp_path):
     assert_refused(*run_main(capsys, tmp_path, "--ds_config", str(ds)), "stage=0", "expected 1, 2 or 3")
 
 
-def fake_checkpoint(output_dir, ranks=(8, 4, 2), targets=("q_proj", "v_proj"), hidden=None, global_batch=None, **state_fields):
+def fake_checkpoint(output_dir, ranks=(8, 4, 2), targets=("q_proj", "v_proj"), hidden=None, **state_fields):
     """A complete checkpoint of another run: its adapter (the real format) and trainer state."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -167,7 +167,7 @@ def fake_checkpoint(output_dir, ranks=(8, 4, 2), targets=("q_proj", "v_proj"), h
     model = apply_msplora(AutoModelForCausalLM.from_config(config), MSPLoRAConfig(ranks=ranks, target_modules=targets, num_mid_groups=2))
     path = output_dir / "checkpoints" / "step-00000002"
     save_adapter(model, path / "adapter")
-    state = {"step": 2, "world_size": 1, "history": []} | ({"global_batch": global_batch} if global_batch else {}) | state_fields
+    state = {"step": 2, "world_size": 1, "history": []} | state_fields
     (path / "trainer_state.json").write_text(json.dumps(state))
     _write_manifest(path)
     return path
@@ -177,7 +177,7 @@ def fake_checkpoint(output_dir, ranks=(8, 4, 2), targets=("q_proj", "v_proj"), h
     ({"ranks": (4, 4, 2)}, "adapter ranks=[4, 4, 2]; this run has ranks=[8, 4, 2]"),
     ({"targets": ("q_proj",)}, "adapter target_modules=['q_proj']"),
     ({"hidden": 32}, "hidden_size=32"),
-    ({"global_batch": 64}, "global batch of 64 sequences; this run has"),
+    ({"config": {"micro_batch_size": 8, "grad_accum": 8}}, "global batch of 64 sequences; this run has"),
     ({"config": {"seed": 7}}, "trained with seed=7; this run has seed=0"),
     ({"num_train_examples": 12}, "trained on 12 examples; this run's data gives"),
     ({"zero_stage": 2}, "trained with zero_stage=2; this run has zero_stage=3. Resume with the same ZeRO stage (--ds_config)"),

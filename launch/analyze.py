@@ -19,51 +19,7 @@ Exit status: 0 on success, 2 on bad input (a missing directory, not an adapter, 
 that cannot be replaced), with a one-line "error: ..." on stderr.
 """
 
-from __future__ import annotations
-
-import argparse
-import sys
-from pathlib import Path
-
-try:
-    import msplora_dist  # noqa: F401
-except ModuleNotFoundError:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from msplora_dist.analysis import analyze_adapter, tensorboard_scalars, write_report
-from msplora_dist.errors import UserError
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="See docs/analysis.md.")
-    parser.add_argument("--adapter", required=True, help="MSPLoRA adapter directory (save_adapter), or a PEFT LoRA directory")
-    parser.add_argument("--out", required=True, help="output directory (report.json, *.png, index.html); replaced as a whole")
-    parser.add_argument("--compare", default=None, help="a PEFT LoRA adapter directory or another MSPLoRA adapter")
-    parser.add_argument("--no-plots", action="store_true", help="write report.json and index.html only")
-    return parser.parse_args(argv)
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        report = analyze_adapter(args.adapter, compare=args.compare)
-        out = write_report(report, args.out, plots=not args.no_plots)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"analysed {args.adapter} ({report['adapter']['kind']}, {report['adapter']['num_layers']} layers)")
-    for t, s in report["summary"].items():
-        erank = ", ".join(f"{lv} {v:.1f}/{s['rank'][lv]}" for lv, v in s["effective_rank"].items() if v is not None)
-        print(f"  {t:<10} effective rank {erank}")
-        sbs = report.get("compare", {}).get("side_by_side", {}).get(t)
-        if sbs and sbs["effective_rank_delta"]["other"] is not None:
-            cos = sbs["mean_delta_cosine"]
-            print(f"  {'':<10} --compare: delta {sbs['effective_rank_delta']['other']:.1f}/{sbs['rank_delta']['other']}"
-                  + (f", cosine to this adapter's delta {cos:.2f} (mean over layers)" if cos is not None else ""))
-    scalars = tensorboard_scalars(report)
-    print(f"wrote {out / 'index.html'} ({len(scalars)} scalars for TensorBoard via tensorboard_scalars)")
-    return 0
-
+from msplora_dist.cli.analyze import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

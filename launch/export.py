@@ -16,59 +16,7 @@ An existing non-empty --out that holds no previous export is replaced only with 
 Bad input prints one line `error: ...` to stderr and exits with status 2.
 """
 
-from __future__ import annotations
-
-import argparse
-import os
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, like every other bad input
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = _Parser(description="Export an MSPLoRA adapter as a plain PEFT LoRA or a merged model.")
-    p.add_argument("--adapter", required=True, help="MSPLoRA adapter directory (written by save_adapter)")
-    p.add_argument("--format", required=True, choices=("peft", "merged"))
-    p.add_argument("--out", required=True, help="output directory (written atomically)")
-    p.add_argument("--base", default=None, help="base model directory (required for merged)")
-    p.add_argument("--max_rank", type=int, default=None, help="peft: truncate each layer's update to this rank by SVD")
-    p.add_argument("--dtype", default=None, choices=("bf16", "fp16", "fp32"), help="merged: saved dtype (default bf16)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out that holds no previous export")
-    return p.parse_args(argv)
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    from msplora_dist.errors import ConfigError, UserError
-    from msplora_dist.export import export_merged, export_peft
-
-    try:
-        if args.format == "peft":
-            if args.dtype is not None:
-                raise ConfigError("--dtype applies to --format merged; the peft export is written in fp32")
-            report = export_peft(args.adapter, args.out, base=args.base, max_rank=args.max_rank, overwrite=args.overwrite)
-        else:
-            if args.max_rank is not None:
-                raise ConfigError("--max_rank applies to --format peft; the merged export is exact")
-            if args.base is None:
-                raise ConfigError("--format merged needs --base MODEL_DIR (the base model the adapter was trained on)")
-            report = export_merged(args.adapter, args.base, args.out, dtype=args.dtype or "bf16", overwrite=args.overwrite)
-    except UserError as err:
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
-    print(report)
-    return 0
-
+from msplora_dist.cli.export import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

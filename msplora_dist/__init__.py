@@ -1,10 +1,7 @@
 """msplora_dist: fine-tuning LLaMA-family models with MSPLoRA (multi-scale pyramid LoRA) on DeepSpeed."""
 
-from msplora_dist.checkpoint import load_adapter, read_adapter_config, save_adapter
-from msplora_dist.config import ALL_LINEAR_TARGETS, MSPLoRAConfig, mid_groups
-from msplora_dist.errors import CheckpointError, ConfigError, DataError, UserError
-from msplora_dist.layers import LoRAPair, MSPLoRALinear
-from msplora_dist.model import (
+from msplora_dist.adapters.config import ALL_LINEAR_TARGETS, MSPLoRAConfig, mid_groups
+from msplora_dist.adapters.inject import (
     MSPLoRAHierarchy,
     adapter_params,
     apply_msplora,
@@ -15,6 +12,9 @@ from msplora_dist.model import (
     param_report,
     unmerge_adapter,
 )
+from msplora_dist.adapters.io import load_adapter, read_adapter_config, save_adapter
+from msplora_dist.adapters.layers import LoRAPair, MSPLoRALinear
+from msplora_dist.errors import CheckpointError, ConfigError, DataError, UserError
 
 __version__ = "0.1.0"
 

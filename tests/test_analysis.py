@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from msplora_dist import CheckpointError, ConfigError, MSPLoRAConfig, UserError, apply_msplora, get_hierarchy, save_adapter
+from msplora_dist.adapters.inject import msplora_linears
 from msplora_dist.analysis import (
     analyze_adapter,
     analyze_model,
@@ -34,7 +35,6 @@ from msplora_dist.analysis import (
     write_report,
 )
 from msplora_dist.analysis.linalg import svd_from_grams
-from msplora_dist.model import msplora_linears
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "launch" / "analyze.py"

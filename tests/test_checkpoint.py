@@ -9,7 +9,7 @@ import struct
 import pytest
 import torch
 
-import msplora_dist.checkpoint as ckpt
+import msplora_dist.adapters.io as ckpt
 from msplora_dist import (
     CheckpointError,
     ConfigError,
@@ -22,7 +22,7 @@ from msplora_dist import (
     read_adapter_config,
     save_adapter,
 )
-from msplora_dist.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from msplora_dist.adapters.io import CONFIG_NAME, WEIGHTS_NAME
 
 TARGETS = ("q_proj", "k_proj", "v_proj")
 

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from msplora_dist import ALL_LINEAR_TARGETS, ConfigError, MSPLoRAConfig, count_params, mid_groups
-from msplora_dist.config import validate_groups
+from msplora_dist.adapters.config import validate_groups
 
 # ---------------------------------------------------------------- groups
 

@@ -9,7 +9,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from msplora_dist.data import (
+from msplora_dist.errors import DataError
+from msplora_dist.train.config import ASSETS
+from msplora_dist.train.data import (
     IGNORE_INDEX,
     GlobalBatchSampler,
     collate,
@@ -20,9 +22,7 @@ from msplora_dist.data import (
     tokenize_dataset,
     tokenize_row,
 )
-from msplora_dist.errors import DataError
-from msplora_dist.prompts import alpaca_prompt
-from msplora_dist.train_config import ASSETS
+from msplora_dist.train.prompts import alpaca_prompt
 
 TINY = ASSETS / "tiny_llama"
 
@@ -119,7 +119,7 @@ class OffsetlessTokenizer:
 
 
 def test_the_loss_mask_of_tokenizers_without_offsets_equals_the_offset_one(tokenizer):
-    from msplora_dist.data import _loss_mask
+    from msplora_dist.train.data import _loss_mask
 
     # "Assistant: " ends with a space that SentencePiece tokenizes alone as a prefix, but joins to "Hi" in
     # the whole text: the reply's first token must still take loss.

@@ -1,4 +1,4 @@
-"""Export for serving (msplora_dist.export, launch/export.py): the PEFT export loaded by the real peft library
+"""Export for serving (msplora_dist.adapters.export, launch/export.py): the PEFT export loaded by the real peft library
 gives our model's logits (fp32 and 4-bit bases), the merged export loaded by AutoModelForCausalLM too, the
 SVD truncation reports the error it really makes, and bad input gives one clean line, exit status 2 and
 nothing at --out.
@@ -18,20 +18,20 @@ import pytest
 import torch
 
 from msplora_dist import CheckpointError, ConfigError, MSPLoRAConfig, apply_msplora, get_hierarchy, save_adapter
-from msplora_dist.checkpoint import CONFIG_NAME, WEIGHTS_NAME
-from msplora_dist.export import (
+from msplora_dist.adapters.export import (
     PEFT_CONFIG_NAME,
     PEFT_WEIGHTS_NAME,
     REPORT_NAME,
     VLLM_MAX_LORA_RANKS,
-    export_merged,
     export_peft,
     module_paths,
     plain_lora_from_model,
     truncate_lora,
     vllm_max_lora_rank,
 )
-from msplora_dist.layers import MSPLoRALinear
+from msplora_dist.adapters.io import CONFIG_NAME, WEIGHTS_NAME
+from msplora_dist.adapters.layers import MSPLoRALinear
+from msplora_dist.adapters.merged import export_merged
 from tests.char_tokenizer import char_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]

@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from msplora_dist.errors import CheckpointError
-from msplora_dist.train_state import _write_manifest, find_resume_dir, verify_checkpoint
+from msplora_dist.train.state import _write_manifest, find_resume_dir, verify_checkpoint
 from tests.launch_utils import REPO, TRAIN, adapter_tensors, free_port, run_train, subprocess_env, summary
 
 pytestmark = pytest.mark.slow

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from msplora_dist import MSPLoRAConfig, apply_msplora, get_hierarchy, load_adapter, save_adapter
-from msplora_dist.prompts import DEFAULT_CHAT_TEMPLATE, alpaca_prompt
+from msplora_dist.train.prompts import DEFAULT_CHAT_TEMPLATE, alpaca_prompt
 from tests.char_tokenizer import char_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from msplora_dist import LoRAPair, MSPLoRAConfig, MSPLoRALinear
-from msplora_dist.layers import base_features
+from msplora_dist.adapters.layers import base_features
 
 IN, OUT = 24, 20
 

@@ -23,7 +23,7 @@ from msplora_dist import (
     param_report,
     unmerge_adapter,
 )
-from msplora_dist.config import ALL_LINEAR_TARGETS
+from msplora_dist.adapters.config import ALL_LINEAR_TARGETS
 
 
 def _config(**kw) -> MSPLoRAConfig:

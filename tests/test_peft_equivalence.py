@@ -19,7 +19,7 @@ from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 
 from msplora_dist import MSPLoRAConfig, MSPLoRALinear, adapter_params, apply_msplora, get_hierarchy
-from msplora_dist.config import ALL_LINEAR_TARGETS
+from msplora_dist.adapters.config import ALL_LINEAR_TARGETS
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 

@@ -25,7 +25,7 @@ import qlib  # noqa: E402
 import report  # noqa: E402
 
 from msplora_dist import MSPLoRAConfig, count_params  # noqa: E402
-from msplora_dist.backbone import projection_features  # noqa: E402
+from msplora_dist.train.backbone import projection_features  # noqa: E402
 
 # --- corpus --------------------------------------------------------------------------------------------
 

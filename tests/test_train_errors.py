@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from msplora_dist.train_config import ASSETS
+from msplora_dist.train.config import ASSETS
 from tests.launch_utils import REPO, TRAIN, subprocess_env
 
 _spec = importlib.util.spec_from_file_location("train_script", TRAIN)
@@ -159,7 +159,7 @@ def fake_checkpoint(output_dir, ranks=(8, 4, 2), targets=("q_proj", "v_proj"), h
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from msplora_dist import MSPLoRAConfig, apply_msplora, save_adapter
-    from msplora_dist.train_state import _write_manifest
+    from msplora_dist.train.state import _write_manifest
 
     config = AutoConfig.from_pretrained(ASSETS / "tiny_llama")
     if hidden:
@@ -207,7 +207,7 @@ def test_resume_and_overwrite_together_contradict(capsys, tmp_path):
 
 def test_a_checkpoint_deepspeed_cannot_convert_for_another_world_size_is_a_clear_error(tmp_path):
     from msplora_dist.errors import CheckpointError
-    from msplora_dist.train_state import convert_to_universal
+    from msplora_dist.train.state import convert_to_universal
 
     (tmp_path / "ds" / "state").mkdir(parents=True)  # no DeepSpeed files in it
     with pytest.raises(CheckpointError, match=r"for a different number of ranks failed .*ds_to_universal exited") as info:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from msplora_dist.analysis.plots import figure_makers, fmt, save_figure
 from msplora_dist.analysis.report import LEVEL_NAMES
-from msplora_dist.checkpoint import write_dir_atomically
 from msplora_dist.errors import ConfigError
+from msplora_dist.utils.fileio import write_dir_atomically
 
 REPORT_NAME = "report.json"
 INDEX_NAME = "index.html"

@@ -45,9 +45,9 @@ def analyze_adapter(path: str | os.PathLike, *, compare: str | os.PathLike | Non
 
 
 def analyze_model(model: nn.Module, *, compare: str | os.PathLike | None = None) -> dict:
-    """The report of the adapters of an in-memory model (gathered under ZeRO-3; call it on every rank)."""
-    from msplora_dist.checkpoint import adapter_metadata, adapter_state_dict
-    from msplora_dist.model import get_hierarchy
+    """The report of the adapters of an in-memory model (under ZeRO-3, call it inside dist.zero.gathered of the adapters)."""
+    from msplora_dist.adapters.inject import get_hierarchy
+    from msplora_dist.adapters.io import adapter_metadata, adapter_state_dict
 
     factors = msplora_factors(get_hierarchy(model).config, adapter_metadata(model), adapter_state_dict(model), None)
     return analyze_factors(factors, compare=load_factors(compare) if compare is not None else None)

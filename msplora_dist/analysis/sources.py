@@ -22,9 +22,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from msplora_dist.checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config, sha256_file
-from msplora_dist.config import LEVELS, MSPLoRAConfig, group_of_layer
+from msplora_dist.adapters.config import LEVELS, MSPLoRAConfig, group_of_layer
+from msplora_dist.adapters.io import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config
 from msplora_dist.errors import CheckpointError
+from msplora_dist.utils.fileio import sha256_file
 
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"

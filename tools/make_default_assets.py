@@ -16,7 +16,7 @@ versions; check with ``sha256sum``):
   plus a randomly initialised 4-layer grouped-query ``LlamaForCausalLM``.
 
 Everything is seeded; nothing is downloaded. The tokenizer corpus is cut up
-the way ``msplora_dist.data`` tokenizes rows (``msplora_dist.prompts`` supplies
+the way ``msplora_dist.train.data`` tokenizes rows (``msplora_dist.train.prompts`` supplies
 the Alpaca prompt), so rerun this after changing either. Before replacing the
 model directory, the script checks that it reloads through the Auto* classes
 with ``HF_HUB_OFFLINE=1``, that the transformers tokenizer agrees with the raw
@@ -54,7 +54,7 @@ from transformers.convert_slow_tokenizer import SentencePieceExtractor
 
 # Run from a checkout without installing, like the other launch scripts.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from msplora_dist.prompts import alpaca_prompt
+from msplora_dist.train.prompts import alpaca_prompt
 
 SEED = 1234
 N_INSTRUCTIONS = 500
@@ -405,7 +405,7 @@ def build_datasets(seed: int) -> tuple[list[dict], list[dict], list[dict]]:
 def tokenizer_corpus(instructions: list[dict], chat: list[dict], text: list[dict]) -> list[str]:
     """Lines the tokenizer is trained on: the data cut up as the trainer tokenizes it.
 
-    msplora_dist.data tokenizes each row as separate segments (alpaca: prompt, then
+    msplora_dist.train.data tokenizes each row as separate segments (alpaca: prompt, then
     output; chat: text before each reply, then the reply), and the LLaMA tokenizer
     puts its "▁" dummy prefix only at the start of each tokenized text, never after
     a newline or after a special token such as the template's leading ``<s>``.
@@ -517,7 +517,7 @@ def check_tokenizer(tok, sp: spm.SentencePieceProcessor, samples: list[str]) -> 
 def check_chat_template(tok, chat: list[dict]) -> None:
     """The template must render every conversation prefix as a prefix of the whole.
 
-    msplora_dist.data relies on that to find the reply tokens that take the loss.
+    msplora_dist.train.data relies on that to find the reply tokens that take the loss.
     """
     for row in chat:
         messages, rendered = row["messages"], ""

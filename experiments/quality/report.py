@@ -64,7 +64,7 @@ def arms_for(root: Path, grid_meta: dict | None) -> list[dict]:
     """The arms as the grid defined them (grid.json), else computed from base/config.json or the preset."""
     if grid_meta:
         return grid_meta["arms"]
-    from msplora_dist.backbone import projection_features
+    from msplora_dist.train.backbone import projection_features
 
     config_path = root / "base" / "config.json"
     config = qlib.read_json(config_path) if config_path.exists() else dict(qlib.MODEL_PRESETS["base"])

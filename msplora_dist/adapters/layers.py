@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from msplora_dist.config import LEVELS
+from msplora_dist.adapters.config import LEVELS
 
 
 class LoRAPair(nn.Module):

@@ -9,11 +9,10 @@ reader sees the old adapter or the new one, never half of one.
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import json
 import os
-import shutil
-import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -21,21 +20,31 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from msplora_dist.config import MSPLoRAConfig
-from msplora_dist.errors import CheckpointError, ConfigError
-from msplora_dist.model import apply_msplora, get_hierarchy, signature_for
-from msplora_dist.zero import full_shape, gathered
+from msplora_dist.adapters.config import MSPLoRAConfig
+from msplora_dist.adapters.inject import apply_msplora, get_hierarchy, signature_for
+from msplora_dist.errors import CheckpointError
+from msplora_dist.utils.fileio import sha256_file, write_dir_atomically
+
+# How a caller lets these functions see tensors that a sharded engine partitions: a context-manager factory
+# gather(params, modifier_rank=None) with the contract of msplora_dist.dist.zero.gathered. The method knows
+# nothing of ZeRO; the trainer passes dist.zero.gathered, everyone else gets this no-op.
+Gather = Callable[..., contextlib.AbstractContextManager]
+
+
+def no_gather(params, *, modifier_rank: int | None = None) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext()
+
 
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "msplora_config.json"
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The hierarchy's tensors under their checkpoint keys, full (gathered under ZeRO-3), on CPU."""
+def adapter_state_dict(model: nn.Module, *, gather: Gather = no_gather) -> dict[str, torch.Tensor]:
+    """The hierarchy's tensors under their checkpoint keys, full (through `gather`), on CPU."""
     hierarchy = get_hierarchy(model)
     params = dict(hierarchy.named_parameters())
-    with gathered(params.values()):
+    with gather(params.values()):
         return {k: p.detach().to("cpu", copy=True).contiguous() for k, p in params.items()}
 
 
@@ -48,78 +57,10 @@ def adapter_metadata(model: nn.Module) -> dict:
     return meta
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_dir_atomically(target: str | os.PathLike, write) -> Path:
-    """Call write(tmp_dir) on a fresh temporary sibling of `target`, then rename it to `target`.
-    An existing `target` is replaced only once the new one is complete."""
-    target = Path(target)
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    except OSError as err:
-        raise ConfigError(f"cannot write to {str(target.parent)!r}: {err.strerror}; expected a writable directory") from None
-    try:
-        write(tmp)
-        # mkdtemp makes the directory 0700; readers (a server running as another user) need 0755.
-        os.chmod(tmp, 0o755)
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        _fsync_dir(tmp)
-        old = None
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-        try:
-            os.replace(tmp, target)
-        except BaseException:
-            if old is not None:  # put the previous adapter back where it was
-                os.replace(old, target)
-            raise
-        _fsync_dir(target.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
-
-
-def write_file_atomically(path: str | os.PathLike, text: str) -> Path:
-    """Write `text` to a temporary sibling, fsync, rename: readers see the old file or the new one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
+def save_adapter(model: nn.Module, path: str | os.PathLike, *, gather: Gather = no_gather) -> Path:
     """Write the adapter hierarchy of `model` to directory `path` (every rank may call it; under
     torch.distributed only rank 0 writes, after all ranks have gathered)."""
-    state = adapter_state_dict(model)
+    state = adapter_state_dict(model, gather=gather)
     meta = adapter_metadata(model)
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return Path(path)
@@ -190,7 +131,7 @@ def _check_signature(ours: dict, meta: dict, path: Path) -> None:
             )
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+def load_adapter(model: nn.Module, path: str | os.PathLike, *, gather: Gather = no_gather) -> nn.Module:
     """Load an adapter directory into `model`, applying MSPLoRA from the saved config first if the
     model has none. The model must match the saved signature and, if it has adapters, their layout."""
     path = Path(path)
@@ -214,10 +155,10 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
     if missing or unexpected:
         raise CheckpointError(f"{str(weights_file)!r}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
-    for key, param in params.items():
-        if tuple(state[key].shape) != tuple(full_shape(param)):
-            raise CheckpointError(f"{str(weights_file)!r}: {key} has shape {tuple(state[key].shape)}; expected {tuple(full_shape(param))}")
-    with gathered(params.values(), modifier_rank=0), torch.no_grad():
+    with gather(params.values(), modifier_rank=0), torch.no_grad():
+        for key, param in params.items():  # all checked before any is written
+            if tuple(state[key].shape) != tuple(param.shape):
+                raise CheckpointError(f"{str(weights_file)!r}: {key} has shape {tuple(state[key].shape)}; expected {tuple(param.shape)}")
         for key, param in params.items():
             param.copy_(state[key].to(device=param.device, dtype=param.dtype))
     return model

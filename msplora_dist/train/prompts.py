@@ -1,4 +1,4 @@
-"""Prompt templates shared by training (msplora_dist.data) and sampling (launch/generate.py), so a
+"""Prompt templates shared by training (msplora_dist.train.data) and sampling (launch/generate.py), so a
 trained adapter is prompted exactly as it was trained.
 
 Alpaca rows (instruction, input, output):

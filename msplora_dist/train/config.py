@@ -16,11 +16,11 @@ from pathlib import Path
 
 import yaml
 
-from msplora_dist.config import ALL_LINEAR_TARGETS, MSPLoRAConfig
+from msplora_dist.adapters.config import ALL_LINEAR_TARGETS, MSPLoRAConfig
 from msplora_dist.errors import ConfigError
 
-ASSETS = Path(__file__).resolve().parent / "assets"
-REPO_ROOT = Path(__file__).resolve().parent.parent
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+REPO_ROOT = Path(__file__).resolve().parents[2]
 # transformers' attention back-ends (None: its default) and the package each needs beyond torch.
 ATTN_IMPLEMENTATIONS = {None: None, "eager": None, "sdpa": None, "flex_attention": None,
                         "flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
@@ -160,6 +160,11 @@ class TrainConfig:
 
     def resolved_dtype(self, on_gpu: bool) -> str:
         return ("bf16" if on_gpu else "fp32") if self.dtype == "auto" else self.dtype
+
+    def ds_values(self) -> dict:
+        """The training values dist.ds_config.resolve_ds_config fills DeepSpeed's "auto" entries from."""
+        return {"micro_batch_size": self.micro_batch_size, "grad_accum": self.grad_accum, "lr": self.lr,
+                "weight_decay": self.weight_decay, "max_grad_norm": self.max_grad_norm}
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

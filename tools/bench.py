@@ -29,7 +29,7 @@ Variants (r = LoRA rank; "all" = q,k,v,o,gate,up,down):
   paper-msplora   the paper's setting: MSPLoRA (64,32,16) on q,v, 3 groups, dropout 0.05
   paper-peft      PEFT LoRA r=64 on q,v, dropout 0.05 (bf16, non-reentrant, like peft-tuned)
   ds-zero2        msplora through the trainer's path: deepspeed.initialize with ds_configs/zero2.json resolved by
-                  msplora_dist.ds_config.resolve_ds_config, one GPU
+                  msplora_dist.dist.ds_config.resolve_ds_config, one GPU
   ds-zero3        the same with ds_configs/zero3.json (the backbone "partitioned" over one rank: every module's
                   weights are gathered before its forward, its recomputation and its backward)
   ds-zero1        ds_configs/zero2.json with stage 1 (not in the default list)
@@ -189,7 +189,7 @@ def _prev_forward(self, x):
 
 @contextlib.contextmanager
 def previous_msplora_forward():
-    from msplora_dist.layers import MSPLoRALinear
+    from msplora_dist.adapters.layers import MSPLoRALinear
 
     saved = MSPLoRALinear.forward
     MSPLoRALinear.forward = _prev_forward
@@ -295,10 +295,10 @@ def _deepspeed_variant(name, model, shape, ranks, device, ids) -> Run:
     import deepspeed
 
     from msplora_dist import MSPLoRAConfig, adapter_params, apply_msplora
-    from msplora_dist.distributed import init_distributed
-    from msplora_dist.ds_config import read_ds_config, resolve_ds_config
-    from msplora_dist.train_config import TrainConfig
-    from msplora_dist.zero import register_adapters_with_zero3
+    from msplora_dist.dist.ds_config import read_ds_config, resolve_ds_config
+    from msplora_dist.dist.process import init_distributed
+    from msplora_dist.dist.zero import register_adapters_with_zero3
+    from msplora_dist.train.config import TrainConfig
 
     init_distributed(on_gpu=device.type == "cuda")
     stage = {"ds-zero1": 1, "ds-zero3": 3}.get(name, 2)
@@ -701,7 +701,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(min(2, torch.get_num_threads()))
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.mode == "speed":
-        from msplora_dist.distributed import shutdown_distributed
+        from msplora_dist.dist.process import shutdown_distributed
 
         try:
             rows = speed(args)

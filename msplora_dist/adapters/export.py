@@ -11,11 +11,9 @@ computed in fp32 from the saved tensors alone (no model needed). With max_rank K
 B A is replaced by its best rank-K approximation (truncated SVD, Eckart-Young), and the relative Frobenius
 error ||B A - B' A'||_F / ||B A||_F of every layer and target is reported and written to export_report.json.
 
-Merged: the base model is loaded (a bitsandbytes 4-bit base dequantized), the adapter is loaded with
-load_adapter, every update is folded into its weight in fp32, and the plain model is saved in the chosen
-dtype with the base's tokenizer.
+Merged (into the base weights): merged.py.
 
-Every output directory is written atomically (checkpoint.write_dir_atomically): a failure part-way leaves
+Every output directory is written atomically (utils.fileio.write_dir_atomically): a failure part-way leaves
 nothing at the output path, and an existing output directory is replaced only once the new one is complete.
 """
 
@@ -25,22 +23,20 @@ import json
 import math
 import os
 import shlex
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from msplora_dist.checkpoint import (
+from msplora_dist.adapters.config import LEVELS, MSPLoRAConfig, group_of_layer
+from msplora_dist.adapters.io import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     read_adapter_config,
     read_adapter_weights,
-    write_dir_atomically,
 )
-from msplora_dist.config import LEVELS, MSPLoRAConfig, group_of_layer
 from msplora_dist.errors import CheckpointError, ConfigError
-from msplora_dist.zero import gathered
+from msplora_dist.utils.fileio import write_dir_atomically
 
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 """The values vLLM accepts for max_lora_rank; an adapter of rank r needs one >= r."""
@@ -187,9 +183,9 @@ def plain_lora_tensors(config: MSPLoRAConfig, state: dict[str, torch.Tensor], nu
 
 
 def plain_lora_from_model(model) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
-    """plain_lora_tensors of a live model's adapters (gathered under ZeRO-3)."""
-    from msplora_dist.checkpoint import adapter_state_dict
-    from msplora_dist.model import get_hierarchy
+    """plain_lora_tensors of a live model's adapters."""
+    from msplora_dist.adapters.inject import get_hierarchy
+    from msplora_dist.adapters.io import adapter_state_dict
 
     h = get_hierarchy(model)
     return plain_lora_tensors(h.config, adapter_state_dict(model), h.num_layers)
@@ -239,7 +235,7 @@ def module_paths(targets, base: str | os.PathLike | None = None, signature: dict
             )
         return LLAMA_LAYERS_PATH, {t: LLAMA_MODULE_PATHS[t] for t in targets}
 
-    from msplora_dist.model import find_decoder_layers
+    from msplora_dist.adapters.inject import find_decoder_layers
 
     model = _meta_model(base)
     layers_path, layers = find_decoder_layers(model, tuple(targets))
@@ -473,150 +469,6 @@ def export_peft(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, base
         save_file(weights, tmp / PEFT_WEIGHTS_NAME, metadata={"format": "pt"})
         config_json = peft_adapter_config(rank, config.target_modules, report.base)
         (tmp / PEFT_CONFIG_NAME).write_text(json.dumps(config_json, indent=2) + "\n")
-        (tmp / REPORT_NAME).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-        _readable_modes(tmp)
-
-    write_dir_atomically(out, write)
-    return report
-
-
-# ----------------------------------------------------------------------------------- merged export
-
-
-def _is_prequantized(base: Path) -> bool:
-    """Whether the checkpoint files of `base` hold bitsandbytes-packed weights (rather than the original
-    floating-point ones, which a quantization_config in config.json would quantize at load time)."""
-    from safetensors import safe_open
-
-    index = base / "model.safetensors.index.json"
-    if index.is_file():
-        keys = list(json.loads(index.read_text()).get("weight_map", {}))
-    else:
-        files = sorted(base.glob("*.safetensors"))
-        if not files:
-            return True  # .bin checkpoints: let transformers load them as the config says, then dequantize
-        keys = []
-        for f in files:
-            with safe_open(f, "pt") as fh:
-                keys.extend(fh.keys())
-    return any(".quant_state." in k or k.endswith(".absmax") or k.endswith(".SCB") for k in keys)
-
-
-def load_base_model(base_dir: str | os.PathLike, dtype: torch.dtype | str = torch.float32, *, dequantize: bool = True,
-                    dequantize_dtype: torch.dtype = torch.float32, device: str | None = None):
-    """(model, was_dequantized) of a local Hugging Face causal-LM directory, in eval mode, with clear errors.
-    dtype: a torch dtype, or "auto" for the checkpoint's own.
-
-    A bitsandbytes-quantized base (quantization_config in config.json) with dequantize=True: when its files
-    hold the original floating-point weights, those are loaded without quantizing; when they hold packed
-    4-bit (or 8-bit) weights, the model is loaded quantized and dequantized to `dequantize_dtype`."""
-    from transformers import AutoModelForCausalLM
-
-    base = Path(base_dir)
-    config = _base_config(base)
-    quantized = getattr(config, "quantization_config", None) is not None
-    kwargs = {"dtype": dtype}
-    if device is not None:
-        kwargs["device_map"] = device
-    was_dequantized = False
-    try:
-        if quantized and dequantize:
-            if _is_prequantized(base):
-                model = AutoModelForCausalLM.from_pretrained(base, device_map=device or "cpu", dtype=dequantize_dtype)
-                model = model.dequantize(dtype=dequantize_dtype)
-                was_dequantized = True
-            else:
-                del config.quantization_config
-                model = AutoModelForCausalLM.from_pretrained(base, config=config, **kwargs)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
-    except (OSError, ValueError, KeyError, ImportError) as err:
-        raise CheckpointError(f"cannot load base model {str(base)!r}: {first_line(err)}") from None
-    return model.eval(), was_dequantized
-
-
-def _checkpoint_dtype(base: Path) -> torch.dtype | None:
-    """The floating-point dtype config.json declares for the weights (transformers writes `dtype`, older
-    versions `torch_dtype`), or None."""
-    config = _base_config(base)
-    declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(declared, str):
-        declared = getattr(torch, declared, None)
-    return declared if isinstance(declared, torch.dtype) else None
-
-
-def _precheck_base(meta: dict, base: Path) -> None:
-    """The adapter's signature against the base's config.json, before loading any weight."""
-    config = _base_config(base)
-    saved = meta.get("signature", {})
-    if saved.get("hidden_size") is not None and getattr(config, "hidden_size", None) is not None \
-            and saved["hidden_size"] != config.hidden_size:
-        raise CheckpointError(
-            f"the adapter was trained on a model with hidden_size={saved['hidden_size']}; base {str(base)!r} has "
-            f"hidden_size={config.hidden_size}"
-        )
-    layers = getattr(config, "num_hidden_layers", None)
-    if layers is not None and saved.get("num_layers") is not None and saved["num_layers"] != layers:
-        raise CheckpointError(
-            f"the adapter was trained on a model with num_layers={saved['num_layers']}; base {str(base)!r} has num_layers={layers}"
-        )
-
-
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "merges.txt",
-                    "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json")
-
-
-def _save_tokenizer(base: Path, out: Path) -> bool:
-    present = [f for f in _TOKENIZER_FILES if (base / f).is_file()]
-    if not present:
-        return False
-    try:
-        from transformers import AutoTokenizer
-
-        AutoTokenizer.from_pretrained(base).save_pretrained(out)
-    except (OSError, ValueError, KeyError, ImportError, TypeError):
-        for f in present:  # a tokenizer this transformers cannot load: copy its files verbatim
-            shutil.copy2(base / f, out / f)
-    return True
-
-
-def export_merged(adapter_dir: str | os.PathLike, base_dir: str | os.PathLike, out_dir: str | os.PathLike,
-                  dtype: str = "bf16", *, overwrite: bool = False) -> ExportReport:
-    """Load the base, load the adapter, fold every update into its weight (in fp32), and save the plain
-    model in `dtype` (bf16, fp16 or fp32) with the base's tokenizer to `out_dir`."""
-    from msplora_dist.checkpoint import load_adapter
-    from msplora_dist.model import merge_and_unload
-
-    if dtype not in DTYPES:
-        raise ConfigError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
-    if base_dir is None:
-        raise ConfigError("--format merged needs --base MODEL_DIR (the base model the adapter was trained on)")
-    base = Path(base_dir)
-    out = _check_out(out_dir, [adapter_dir, base_dir], overwrite)
-    _, meta = read_adapter_config(adapter_dir)
-    if not base.is_dir():
-        raise CheckpointError(f"base model directory {str(base)!r} does not exist; expected a local Hugging Face model directory")
-    _precheck_base(meta, base)
-
-    torch_dtype = DTYPES[dtype]
-    # Each weight must be rounded once, after the fp32 merge. merge() writes W0 + delta back in the weight's own
-    # dtype, so the base is loaded in the output dtype when its checkpoint already has it (a bf16 export of a
-    # bf16 checkpoint stays bf16 in memory) and in fp32 otherwise (an fp32 export of a bf16 checkpoint must not
-    # pass through bf16). A packed 4-bit base is dequantized to the output dtype.
-    load_dtype = torch_dtype if _checkpoint_dtype(base) == torch_dtype else torch.float32
-    model, dequantized = load_base_model(base, load_dtype, dequantize_dtype=torch_dtype)
-    model = load_adapter(model, adapter_dir)
-    with gathered(list(model.parameters()), modifier_rank=0), torch.no_grad():
-        model = merge_and_unload(model)
-    model = model.to(torch_dtype)
-    model.config.dtype = torch_dtype
-    report = ExportReport(format="merged", out_dir=str(out), adapter_dir=str(adapter_dir), base=str(base), dtype=dtype,
-                          dequantized=dequantized)
-
-    def write(tmp: Path) -> None:
-        with gathered(list(model.parameters())):
-            model.save_pretrained(tmp)
-        report.tokenizer = _save_tokenizer(base, tmp)
         (tmp / REPORT_NAME).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
         _readable_modes(tmp)
 

@@ -11,6 +11,8 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
+from msplora_dist.adapters.inject import adapter_params, msplora_linears
+
 
 def is_zero3_param(param: torch.Tensor) -> bool:
     return hasattr(param, "ds_id")
@@ -47,12 +49,19 @@ def register_adapters_with_zero3(model: torch.nn.Module) -> None:
     (ds_config.py sees to it) they are gathered once and then stay replicated."""
     import deepspeed
 
-    from msplora_dist.model import msplora_linears
-
     for module in msplora_linears(model):
         for pair in module.pairs:
             deepspeed.zero.register_external_parameter(module, pair.lora_A)
             deepspeed.zero.register_external_parameter(module, pair.lora_B)
+
+
+def check_adapters_replicated(model: torch.nn.Module) -> None:
+    """After deepspeed.initialize: every adapter tensor is whole on this rank (ZeRO-3 keeps it persistent), as the
+    gradient semantics and the replica digest need. Raises if ZeRO partitioned any of them."""
+    partitioned = [name for name, p in adapter_params(model).items() if is_zero3_param(p) and not getattr(p, "ds_persist", False)]
+    if partitioned:
+        raise RuntimeError(f"ZeRO-3 partitioned {len(partitioned)} adapter tensor(s) (first: {partitioned[0]}); they must stay "
+                           "replicated: check stage3_param_persistence_threshold and stage3_model_persistence_threshold")
 
 
 def local_numel(param: torch.Tensor) -> int:
@@ -61,3 +70,18 @@ def local_numel(param: torch.Tensor) -> int:
     if is_zero3_param(param):
         return param.ds_tensor.numel() + param.data.numel()
     return param.numel()
+
+
+def backbone_partition(model: torch.nn.Module, world: int, device: torch.device) -> dict:
+    """How much of the frozen backbone each rank holds (collective). Under ZeRO-3 each rank keeps 1/world of
+    every partitioned tensor; tensors at or below stage3_param_persistence_threshold (norms, and on tiny
+    models small 4-bit weights) are persistent, i.e. whole on every rank."""
+    import torch.distributed as dist
+
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    persistent = sum(full_numel(p) for p in frozen if getattr(p, "ds_persist", False))
+    local = torch.tensor([sum(local_numel(p) for p in frozen)], device=device)
+    per_rank = [torch.zeros_like(local) for _ in range(world)]
+    dist.all_gather(per_rank, local)
+    return {"full_numel": sum(full_numel(p) for p in frozen), "persistent_numel": persistent,
+            "local_numel_per_rank": [int(t.item()) for t in per_rank]}

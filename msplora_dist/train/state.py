@@ -24,11 +24,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from msplora_dist.checkpoint import sha256_file, write_file_atomically
+from msplora_dist.adapters.io import load_adapter, read_adapter_config, save_adapter
+from msplora_dist.dist.zero import gathered
 from msplora_dist.errors import CheckpointError
+from msplora_dist.utils.fileio import verify_manifest, write_manifest
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
-MANIFEST = "manifest.json"
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
@@ -59,30 +60,9 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _write_manifest(directory: Path) -> None:
-    files = {}
-    for f in sorted(p for p in directory.rglob("*") if p.is_file()):
-        rel = f.relative_to(directory).as_posix()
-        files[rel] = {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
-    write_file_atomically(directory / MANIFEST, json.dumps({"files": files}, indent=1))
-
-
 def verify_checkpoint(directory: Path) -> str | None:
     """None if `directory` is a complete checkpoint, else what is wrong with it."""
-    manifest = directory / MANIFEST
-    if not manifest.is_file():
-        return "no manifest.json (the write did not finish)"
-    try:
-        files = json.loads(manifest.read_text())["files"]
-    except (json.JSONDecodeError, KeyError) as err:
-        return f"unreadable manifest.json ({err})"
-    for rel, info in files.items():
-        f = directory / rel
-        if not f.is_file():
-            return f"{rel} is missing"
-        if f.stat().st_size != info["bytes"] or sha256_file(f) != info["sha256"]:
-            return f"{rel} does not match its checksum"
-    return None
+    return verify_manifest(directory)
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -114,8 +94,6 @@ def check_resume_compatible(directory: Path, adapter_config, hf_config: dict, ru
     """Refuse, before anything is loaded, a checkpoint from another adapter layout, model, global batch,
     ZeRO stage or dtype (run: this run's global_batch, zero_stage and resolved dtype). Returns the number
     of ranks that wrote it (another number is fine: see load_checkpoint)."""
-    from msplora_dist.checkpoint import read_adapter_config
-
     saved, meta = read_adapter_config(directory / "adapter")
     mine, theirs = adapter_config.to_dict(), saved.to_dict()
     for key in ("ranks", "alphas", "target_modules", "groups", "use_rslora"):
@@ -173,8 +151,6 @@ def _barrier() -> None:
 
 def save_checkpoint(engine, output_dir: str | Path, step: int, trainer_state: dict, keep_last: int) -> Path:
     """Collective: every rank calls it. Returns the final directory."""
-    from msplora_dist.checkpoint import save_adapter
-
     root = checkpoint_root(output_dir)
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}"
@@ -182,14 +158,14 @@ def save_checkpoint(engine, output_dir: str | Path, step: int, trainer_state: di
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    save_adapter(engine.module, tmp / "adapter")
+    save_adapter(engine.module, tmp / "adapter", gather=gathered)
     engine.save_checkpoint(str(tmp / "ds"), tag="state", exclude_frozen_parameters=True, save_latest=False)
     rank = dist.get_rank() if dist.is_initialized() else 0
     torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
     _barrier()
     if _is_rank0():
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
-        _write_manifest(tmp)
+        write_manifest(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -211,11 +187,9 @@ def load_checkpoint(engine, directory: Path, scratch_root: Path) -> dict:
     every rank loads its new partition from there; the RNG is then seeded from (seed, step, rank), since the
     old ranks' dropout streams have no counterpart.
     """
-    from msplora_dist.checkpoint import load_adapter
-
     state = json.loads((directory / "trainer_state.json").read_text())
     world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
-    load_adapter(engine.module, directory / "adapter")
+    load_adapter(engine.module, directory / "adapter", gather=gathered)
     if state["world_size"] == world:
         engine.load_checkpoint(str(directory / "ds"), tag="state", load_module_strict=False,
                                load_optimizer_states=True, load_lr_scheduler_states=True)

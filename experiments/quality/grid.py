@@ -57,7 +57,7 @@ import qlib
 qlib.add_repo_to_path()
 
 from msplora_dist import ALL_LINEAR_TARGETS, MSPLoRAConfig, count_params  # noqa: E402
-from msplora_dist.backbone import projection_features  # noqa: E402
+from msplora_dist.train.backbone import projection_features  # noqa: E402
 
 QV = ("q_proj", "v_proj")
 PAPER_RANKS = (64, 32, 16)

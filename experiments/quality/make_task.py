@@ -134,8 +134,8 @@ def to_row(fn: dict) -> dict:
 
 
 def row_tokens(row: dict, tokenizer, max_seq_len: int) -> tuple[int, int, bool]:
-    """(tokens, loss tokens, truncated) of a row as the trainer tokenizes it (msplora_dist.data)."""
-    from msplora_dist.data import tokenize_row
+    """(tokens, loss tokens, truncated) of a row as the trainer tokenizes it (msplora_dist.train.data)."""
+    from msplora_dist.train.data import tokenize_row
 
     t = tokenize_row(row, "alpaca", tokenizer, 10**9, False)
     n = len(t["input_ids"])

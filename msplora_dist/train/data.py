@@ -20,7 +20,7 @@ import torch
 from jinja2 import TemplateError
 
 from msplora_dist.errors import DataError
-from msplora_dist.prompts import DEFAULT_CHAT_TEMPLATE, alpaca_prompt
+from msplora_dist.train.prompts import DEFAULT_CHAT_TEMPLATE, alpaca_prompt
 
 IGNORE_INDEX = -100
 FORMATS = {"alpaca": ("instruction", "output"), "chat": ("messages",), "text": ("text",)}

@@ -1,8 +1,8 @@
-"""The DeepSpeed config: read the JSON, fill every "auto" from the TrainConfig (here and nowhere else),
-and refuse values that contradict it.
+"""The DeepSpeed config: read the JSON, fill every "auto" from the training values (here and nowhere else),
+and refuse values that contradict them. Takes plain values, not the trainer's config object, so that
+dist/ depends on nothing above it.
 
-Under ZeRO-3 the shared adapters must stay replicated on every rank (see ../shared/MSPLORA.md and
-zero.py): that is DeepSpeed's persistence, so stage3_param_persistence_threshold must be at least the
+Under ZeRO-3 the shared adapters must stay replicated on every rank (docs/scaling.md and zero.py): that is DeepSpeed's persistence, so stage3_param_persistence_threshold must be at least the
 largest adapter tensor. "auto" sets exactly that; any smaller explicit value is an error.
 """
 
@@ -13,7 +13,6 @@ import json
 from pathlib import Path
 
 from msplora_dist.errors import ConfigError
-from msplora_dist.train_config import TrainConfig
 
 AUTO = "auto"
 
@@ -43,23 +42,24 @@ def _fill(section: dict, key: str, value, what: str, *, compare=None) -> None:
                           "set it to \"auto\" or make the two agree")
 
 
-def resolve_ds_config(raw: dict, cfg: TrainConfig, *, world_size: int, dtype: str, largest_adapter_numel: int,
+def resolve_ds_config(raw: dict, *, micro_batch_size: int, grad_accum: int, world_size: int, lr: float,
+                      weight_decay: float, max_grad_norm: float, dtype: str, largest_adapter_numel: int,
                       load_universal: bool = False) -> dict:
     """A complete DeepSpeed config for this run. dtype is the resolved 'bf16' or 'fp32'. load_universal:
-    the run resumes a checkpoint written by another number of ranks (train_state.load_checkpoint)."""
+    the run resumes a checkpoint written by another number of ranks (train.state.load_checkpoint)."""
     ds = copy.deepcopy(raw)
     if load_universal:
         ds.setdefault("checkpoint", {})["load_universal"] = True
-    _fill(ds, "train_micro_batch_size_per_gpu", cfg.micro_batch_size, "train_micro_batch_size_per_gpu")
-    _fill(ds, "gradient_accumulation_steps", cfg.grad_accum, "gradient_accumulation_steps")
-    global_batch = cfg.micro_batch_size * cfg.grad_accum * world_size
+    _fill(ds, "train_micro_batch_size_per_gpu", micro_batch_size, "train_micro_batch_size_per_gpu")
+    _fill(ds, "gradient_accumulation_steps", grad_accum, "gradient_accumulation_steps")
+    global_batch = micro_batch_size * grad_accum * world_size
     if ds.get("train_batch_size", AUTO) not in (AUTO, global_batch):
         raise ConfigError(
             f"ds_config train_batch_size={ds['train_batch_size']} but micro_batch_size x grad_accum x world size = "
-            f"{cfg.micro_batch_size} x {cfg.grad_accum} x {world_size} = {global_batch}; set it to \"auto\" or make them agree"
+            f"{micro_batch_size} x {grad_accum} x {world_size} = {global_batch}; set it to \"auto\" or make them agree"
         )
     ds["train_batch_size"] = global_batch
-    _fill(ds, "gradient_clipping", cfg.max_grad_norm, "gradient_clipping", compare=lambda a, b: float(a) == float(b))
+    _fill(ds, "gradient_clipping", max_grad_norm, "gradient_clipping", compare=lambda a, b: float(a) == float(b))
 
     if ds.get("fp16", {}).get("enabled") not in (None, False, AUTO):
         raise ConfigError("ds_config fp16.enabled=true: fp16 training is not supported; expected bf16 or fp32 (--dtype)")
@@ -71,8 +71,8 @@ def resolve_ds_config(raw: dict, cfg: TrainConfig, *, world_size: int, dtype: st
     if str(optimizer.get("type", "")).lower() not in ("adamw", "adam"):
         raise ConfigError(f"ds_config optimizer.type={optimizer.get('type')!r}: expected AdamW")
     params = optimizer.setdefault("params", {})
-    _fill(params, "lr", cfg.lr, "optimizer.params.lr", compare=lambda a, b: float(a) == float(b))
-    _fill(params, "weight_decay", cfg.weight_decay, "optimizer.params.weight_decay", compare=lambda a, b: float(a) == float(b))
+    _fill(params, "lr", lr, "optimizer.params.lr", compare=lambda a, b: float(a) == float(b))
+    _fill(params, "weight_decay", weight_decay, "optimizer.params.weight_decay", compare=lambda a, b: float(a) == float(b))
     if "scheduler" in ds:
         raise ConfigError("ds_config has a 'scheduler' section; the trainer builds warmup + cosine from the training config "
                           "(--lr, warmup_ratio, min_lr_ratio): remove it")

@@ -15,10 +15,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from msplora_dist.config import LEVELS, MSPLoRAConfig, group_of_layer
+from msplora_dist.adapters.config import LEVELS, MSPLoRAConfig, group_of_layer
+from msplora_dist.adapters.layers import LoRAPair, MSPLoRALinear, base_features
 from msplora_dist.errors import ConfigError
-from msplora_dist.layers import LoRAPair, MSPLoRALinear, base_features
-from msplora_dist.zero import full_numel
 
 HIERARCHY_ATTR = "msplora"
 
@@ -244,7 +243,7 @@ def count_params(config: MSPLoRAConfig, num_layers: int, features: dict[str, tup
 def param_report(model: nn.Module) -> ParamReport:
     h = get_hierarchy(model)
     report = count_params(h.config, h.num_layers, h.features)
-    actual = sum(full_numel(p) for p in h.parameters())
+    actual = sum(p.numel() for p in h.parameters())  # replicated on every rank, also under ZeRO-3
     if actual != report.total:
         raise AssertionError(f"hierarchy holds {actual} parameters, the formula gives {report.total}")
     return report

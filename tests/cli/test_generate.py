@@ -19,7 +19,7 @@ from msplora_dist import MSPLoRAConfig, apply_msplora, get_hierarchy, load_adapt
 from msplora_dist.train.prompts import DEFAULT_CHAT_TEMPLATE, alpaca_prompt
 from tests.char_tokenizer import char_tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 GENERATE_SCRIPT = REPO / "launch" / "generate.py"
 
 TINY = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,

@@ -34,7 +34,7 @@ from msplora_dist.adapters.layers import MSPLoRALinear
 from msplora_dist.adapters.merged import export_merged
 from tests.char_tokenizer import char_tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 EXPORT_SCRIPT = REPO / "launch" / "export.py"
 
 TINY = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,

@@ -36,7 +36,7 @@ from msplora_dist.analysis import (
 )
 from msplora_dist.analysis.linalg import svd_from_grams
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "launch" / "analyze.py"
 HIDDEN, KV, INTER, LAYERS = 16, 8, 24, 4
 TARGETS = ("q_proj", "v_proj", "down_proj")

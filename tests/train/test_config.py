@@ -1,0 +1,57 @@
+"""TrainConfig: YAML + flags, typed and validated, with the value named in every refusal."""
+
+from __future__ import annotations
+
+import pytest
+
+from msplora_dist.errors import ConfigError
+from msplora_dist.train.config import TrainConfig, build_parser, parse_config
+
+
+def test_flags_override_yaml_which_overrides_defaults(tmp_path):
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("lr: 0.001\nranks: [16, 8, 4]\nmicro_batch_size: 2\ntarget_modules: [q_proj, v_proj]\n")
+    cfg = parse_config(["--config", str(yaml_file), "--micro_batch_size", "3", "--dropout", "0", "--load_in_4bit", "true"])
+    assert cfg.lr == 0.001 and cfg.ranks == (16, 8, 4) and cfg.micro_batch_size == 3
+    assert cfg.target_modules == ("q_proj", "v_proj") and cfg.dropout == (0.0, 0.0, 0.0) and cfg.load_in_4bit is True
+    assert cfg.grad_accum == TrainConfig().grad_accum
+
+
+def test_comma_separated_flags_become_tuples():
+    cfg = parse_config(["--ranks", "64,32,16", "--alphas", "16", "--target_modules", "q_proj,v_proj"])
+    assert cfg.ranks == (64, 32, 16) and cfg.alphas == (16.0, 16.0, 16.0) and cfg.target_modules == ("q_proj", "v_proj")
+
+
+def test_launcher_local_rank_flag_is_accepted():
+    assert parse_config(["--local_rank=1"]).seed == 0
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--micro_batch_size", "0"], "micro_batch_size=0"),
+    (["--lr", "-1"], "lr=-1.0"),
+    (["--dtype", "fp16"], "dtype='fp16'"),
+    (["--ranks", "8,-1,2"], "mid rank is -1"),
+    (["--max_steps", "0"], "max_steps=0"),
+    (["--micro_batch_size", "two"], "micro_batch_size='two'"),
+    (["--load_in_4bit", "maybe"], "load_in_4bit='maybe'"),
+    (["--log_steps", "0"], "log_steps=0: expected an integer >= 1"),
+    (["--weight_decay", "-0.1"], "weight_decay=-0.1: expected a finite number >= 0"),
+    (["--weight_decay", "nan"], "weight_decay=nan"),
+    (["--max_grad_norm", "nan"], "max_grad_norm=nan: expected a finite number >= 0"),
+    (["--attn_implementation", "foo"], "attn_implementation='foo': expected one of eager, sdpa"),
+])
+def test_bad_values_name_the_field_and_value(argv, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        parse_config(argv)
+
+
+def test_unknown_yaml_field_is_refused(tmp_path):
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match=r"unknown fields \['learning_rate'\]"):
+        parse_config(["--config", str(yaml_file)])
+
+
+def test_every_field_has_help_text():
+    helps = {a.dest: a.help for a in build_parser()._actions if a.dest not in ("help", "local_rank")}
+    assert all(h and not h.startswith(" (default") for h in helps.values()), [k for k, h in helps.items() if not h]

@@ -326,10 +326,17 @@ class Trainer:
         return summary
 
     def close(self) -> None:
-        """Close the TensorBoard writer (a stopped run keeps its events up to the stop)."""
+        """Close the TensorBoard writer (a stopped run keeps its events up to the stop) and release the engine, so
+        that one process can run many trainers one after another (the benchmark, the experiments). The process
+        group stays up for the next one; the entry point shuts it down (dist.process.shutdown_distributed)."""
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+        if self.engine is not None:
+            self.engine.destroy()  # ZeRO-3's hooks and buffers; a later engine in this process must not see them
+            self.engine = self.scheduler = None
+            if self.on_gpu:
+                torch.cuda.empty_cache()
 
     def fit(self) -> dict:
         """setup, train, finish; returns the summary."""

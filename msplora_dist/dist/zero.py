@@ -11,7 +11,8 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-from msplora_dist.adapters.inject import adapter_params, msplora_linears
+from msplora_dist.adapters.inject import adapter_params, find_decoder_layers
+from msplora_dist.adapters.layers import MSPLoRALinear
 
 
 def is_zero3_param(param: torch.Tensor) -> bool:
@@ -44,15 +45,48 @@ def gathered(params: Iterable[torch.Tensor], *, modifier_rank: int | None = None
 
 
 def register_adapters_with_zero3(model: torch.nn.Module) -> None:
-    """Tell ZeRO-3 that each MSPLoRALinear reads adapter tensors it does not own (the shared pairs
-    live in the hierarchy), so they are gathered before that module's forward. With persistence on
-    (ds_config.py sees to it) they are gathered once and then stay replicated."""
+    """Tell ZeRO-3 which modules read adapter tensors they do not own (the shared pairs live in the hierarchy),
+    so that those are gathered before the module's forward. ZeRO-3 fetches a module's own and external
+    parameters before its forward; a leaf module (set_z3_leaf_layers, or a ds_config `leaf_module` entry)
+    fetches its whole subtree but only its OWN external parameters. So each pair is registered with its
+    MSPLoRALinear and with every ancestor up to the decoder layer: whichever of them is the leaf gathers it
+    with its prefetch, rather than through ZeRO-3's blocking on-demand gather of a parameter read while absent.
+    With persistence on (ds_config.py sees to it) the adapters are gathered once and then stay replicated."""
     import deepspeed
 
-    for module in msplora_linears(model):
-        for pair in module.pairs:
-            deepspeed.zero.register_external_parameter(module, pair.lora_A)
-            deepspeed.zero.register_external_parameter(module, pair.lora_B)
+    layers_name, layers = find_decoder_layers(model)
+    for layer in layers:
+        for name, module in layer.named_modules():
+            if not isinstance(module, MSPLoRALinear):
+                continue
+            path = name.split(".")
+            owners = [layer] + [layer.get_submodule(".".join(path[:i])) for i in range(1, len(path) + 1)]
+            for owner in owners:
+                for pair in module.pairs:
+                    deepspeed.zero.register_external_parameter(owner, pair.lora_A)
+                    deepspeed.zero.register_external_parameter(owner, pair.lora_B)
+
+
+def set_z3_leaf_layers(model: torch.nn.Module) -> type:
+    """Make every decoder layer a ZeRO-3 leaf module (DeepSpeed's deepspeed.utils.set_z3_leaf_modules): its
+    parameters are fetched in one all-gather before the layer's forward (and its recomputation and backward)
+    instead of one per projection and norm. On one H200, 7B shape, 4-bit: 5,000 -> 8,311-8,916 tokens/s.
+    Call before deepspeed.initialize; returns the layer class."""
+    from deepspeed.utils import set_z3_leaf_modules
+
+    _, layers = find_decoder_layers(model)
+    layer_cls = type(layers[0])
+    set_z3_leaf_modules(model, [layer_cls])
+    return layer_cls
+
+
+def register_lm_head_with_zero3(model: torch.nn.Module) -> None:
+    """A fused linear cross-entropy (Liger) reads lm_head.weight directly instead of calling lm_head's forward,
+    so ZeRO-3's hooks on lm_head never gather it: register it with the root module, whose forward is hooked."""
+    import deepspeed
+
+    head = model.get_output_embeddings()
+    deepspeed.zero.register_external_parameter(model, head.weight)
 
 
 def check_adapters_replicated(model: torch.nn.Module) -> None:

@@ -75,6 +75,12 @@ class TrainConfig:
     """Recompute decoder-layer activations in backward (non-reentrant) to save memory."""
     attn_implementation: str | None = None
     """Passed to from_pretrained (sdpa, flash_attention_2, eager); unset lets transformers choose."""
+    liger: str = "auto"
+    """Liger Kernel's fused RMSNorm, RoPE, SwiGLU and linear cross-entropy: auto = on a CUDA GPU when liger-kernel
+    is installed and supports the model family; true = required; false = off."""
+    zero3_leaf_layers: bool = True
+    """ZeRO-3: fetch each decoder layer's weights in one all-gather (a DeepSpeed leaf module) instead of one per
+    projection; exact, and about 1.7x faster on one GPU at the 7B shape."""
 
     # --- adapters -----------------------------------------------------------------------------------
     ranks: tuple[int, int, int] = (8, 4, 2)
@@ -146,6 +152,8 @@ class TrainConfig:
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS and "/" not in self.attn_implementation:  # "/": a hub kernel
             raise ConfigError(f"attn_implementation={self.attn_implementation!r}: expected one of "
                               f"{', '.join(a for a in ATTN_IMPLEMENTATIONS if a)} (or unset for transformers' default)")
+        if self.liger not in ("auto", "true", "false"):
+            raise ConfigError(f"liger={self.liger!r}: expected one of auto, true, false")
         if self.dtype not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"dtype={self.dtype!r}: expected one of auto, bf16, fp32")
         if self.max_seq_len < 8:

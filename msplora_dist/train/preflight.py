@@ -16,6 +16,7 @@ from msplora_dist.errors import ConfigError
 from msplora_dist.train.backbone import DTYPES, check_model_dir, load_tokenizer, projection_features, quantization_config
 from msplora_dist.train.config import ATTN_IMPLEMENTATIONS, TrainConfig
 from msplora_dist.train.data import GlobalBatchSampler, detect_format, load_rows, pack_examples, tokenize_dataset
+from msplora_dist.train.kernels import resolve_liger
 from msplora_dist.train.state import check_resume_compatible, check_resume_data, checkpoint_root, find_resume_dir
 from msplora_dist.utils.log import log
 
@@ -34,6 +35,8 @@ class Plan:
     total_steps: int
     resume_dir: Path | None
     world_size: int
+    model_type: str = "llama"
+    liger: bool = False
 
     @property
     def zero_stage(self) -> int:
@@ -96,6 +99,7 @@ def preflight(cfg: TrainConfig, world: int, on_gpu: bool) -> Plan:
     if needed and importlib.util.find_spec(needed) is None:
         raise ConfigError(f"attn_implementation={cfg.attn_implementation!r} needs the {needed} package, which is not installed; "
                           "expected sdpa or eager, or install it")
+    liger = resolve_liger(cfg.liger, hf_config.get("model_type", ""), on_gpu)
     largest = max(max(adapter_cfg.ranks) * f for t in adapter_cfg.target_modules for f in features[t])
     global_batch = cfg.micro_batch_size * cfg.grad_accum * world
 
@@ -121,4 +125,5 @@ def preflight(cfg: TrainConfig, world: int, on_gpu: bool) -> Plan:
     if resume_dir is not None:
         check_resume_data(resume_dir, cfg.to_dict(), sampler.num_examples)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, int(cfg.epochs * sampler.steps_per_epoch))
-    return Plan(dtype, resolved, adapter_cfg, tokenizer, train_ds, eval_ds, sampler, total_steps, resume_dir, world)
+    return Plan(dtype, resolved, adapter_cfg, tokenizer, train_ds, eval_ds, sampler, total_steps, resume_dir, world,
+                hf_config.get("model_type", "llama"), liger)

@@ -37,6 +37,7 @@ from msplora_dist.dist.process import init_distributed
 from msplora_dist.train.backbone import load_backbone, set_eval_mode
 from msplora_dist.train.config import TrainConfig, save_config_yaml
 from msplora_dist.train.data import IGNORE_INDEX, collate, eval_batches
+from msplora_dist.train.kernels import apply_liger
 from msplora_dist.train.preflight import Plan, preflight
 from msplora_dist.train.schedule import lr_lambda
 from msplora_dist.train.state import checkpoint_root, load_checkpoint, save_checkpoint
@@ -70,6 +71,21 @@ def injected_nan_steps() -> set[int]:
     return {int(v) for v in value.split(",") if v.strip()}
 
 
+def token_loss_sum(model, batch: dict, *, from_labels: bool = False) -> torch.Tensor:
+    """Sum over the micro-batch of the next-token cross-entropies of every labelled token, in fp32.
+
+    from_labels=False: from the logits, here. from_labels=True: the model computes it from `labels` (the same
+    shift and ignore_index), which is where Liger's fused linear cross-entropy runs (in training mode) without ever
+    forming the logits; num_items_in_batch=1 turns transformers' (and Liger's) token mean into the sum."""
+    batch = dict(batch)
+    labels = batch.pop("labels")
+    if from_labels:
+        return model(**batch, labels=labels, use_cache=False, num_items_in_batch=1).loss.float()
+    logits = model(**batch, use_cache=False).logits  # with a cache, transformers ignores packed position_ids
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
 class Trainer:
     """Fine-tunes cfg.model with MSPLoRA on DeepSpeed; see the module docstring for the lifecycle."""
 
@@ -85,7 +101,10 @@ class Trainer:
         self.step_count, self.history = 0, []
         self.nonfinite_in_a_row = 0
         self.startup_s = 0.0
+        self.speed_features: list[str] = []
         self._nan_steps = injected_nan_steps()
+        # Every step needs the loss-token count of its whole global batch: read the column once, not a row per step.
+        self._loss_tokens = list(self.plan.train_ds["num_loss_tokens"])
 
     # ------------------------------------------------------------------------------------------ setup
 
@@ -130,13 +149,23 @@ class Trainer:
         import deepspeed
 
         cfg, plan = self.cfg, self.plan
+        if plan.liger:
+            apply_liger(plan.model_type)  # patches the model classes: before the model is built
         model = load_backbone(cfg.model, dtype=plan.dtype, load_in_4bit=cfg.load_in_4bit, ds_config=plan.ds_config,
                               gradient_checkpointing=cfg.gradient_checkpointing, attn_implementation=cfg.attn_implementation)
         torch.manual_seed(cfg.seed)  # the same adapter init on every rank
         model = apply_msplora(model, plan.adapter_config)
+        speed = ["Liger kernels"] if plan.liger else []
         if plan.zero_stage == 3:
             zero.register_adapters_with_zero3(model)
+            if cfg.zero3_leaf_layers:
+                speed.append(f"ZeRO-3 leaf modules ({zero.set_z3_leaf_layers(model).__name__})")
+            if plan.liger:
+                zero.register_lm_head_with_zero3(model)
         log(str(param_report(model)))
+        if speed:
+            log(f"speed: {', '.join(speed)}")
+        self.speed_features = speed
         schedule = lr_lambda(plan.total_steps, cfg.warmup_ratio, cfg.min_lr_ratio)
         engine, _, _, scheduler = deepspeed.initialize(
             model=model, model_parameters=list(adapter_params(model).values()), config=plan.ds_config,
@@ -160,12 +189,8 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ steps
 
     def loss_sum(self, batch: dict) -> torch.Tensor:
-        """Sum of the shifted token cross-entropies of one micro-batch, in fp32."""
-        batch = {k: v.to(self.device) for k, v in batch.items()}
-        labels = batch.pop("labels")
-        logits = self.engine(**batch, use_cache=False).logits  # with a cache, transformers ignores packed position_ids
-        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                               ignore_index=IGNORE_INDEX, reduction="sum")
+        """Sum of the shifted token cross-entropies of one micro-batch, in fp32 (token_loss_sum)."""
+        return token_loss_sum(self.engine, {k: v.to(self.device) for k, v in batch.items()}, from_labels=self.plan.liger)
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, float]:
@@ -195,7 +220,7 @@ class Trainer:
         indices = sampler.global_batch_indices(self.step_count)
         # Every rank computes the global batch's loss-token count itself: the loss is the token mean
         # over the whole global batch, whatever the split into ranks and micro-batches.
-        n_global = sum(train_ds[i]["num_loss_tokens"] for i in indices)
+        n_global = sum(self._loss_tokens[i] for i in indices)
         stats = torch.zeros(2, dtype=torch.float64, device=self.device)
         for accum_step in range(cfg.grad_accum):
             micro = sampler.micro_batch_indices(self.step_count, accum_step, self.rank, self.world, cfg.micro_batch_size)
@@ -207,7 +232,9 @@ class Trainer:
             # d(sum of token losses / n_global).
             engine.backward(ce * (self.world * cfg.grad_accum / n_global))
             engine.step()  # the optimizer steps at the accumulation boundary only
-            stats += torch.tensor([ce.item(), sum(len(e["input_ids"]) for e in examples)], dtype=torch.float64, device=self.device)
+            # No .item() here: a host sync per micro-batch would stall the GPU's queue of kernels.
+            stats[0] += ce.detach().double()
+            stats[1] += sum(len(e["input_ids"]) for e in examples)
         dist.all_reduce(stats)
         self.step_count += 1
         step = self.step_count
@@ -317,7 +344,7 @@ class Trainer:
                    "startup_s": self.startup_s, "train_time_s": sum(h.get("time_s", 0.0) for h in history),
                    "train_tokens": int(sum(h.get("tokens", 0) for h in history)),
                    "replicas_identical": replicas_identical, "zero_stage": plan.zero_stage, "dtype": plan.dtype,
-                   "load_in_4bit": cfg.load_in_4bit,
+                   "load_in_4bit": cfg.load_in_4bit, "speed_features": self.speed_features,
                    "backbone_partition": zero.backbone_partition(engine.module, self.world, self.device),
                    "history": history}
         if self.rank == 0:

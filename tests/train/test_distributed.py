@@ -81,14 +81,17 @@ def test_overwrite_replaces_everything_an_earlier_run_wrote(reference, tmp_path)
     assert summary(out)["steps"] == 1 and [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000001"]
 
 
-def test_zero3_two_ranks_with_checkpointing_match_one_rank_and_partition_the_backbone(reference, tmp_path):
+@pytest.mark.parametrize("leaf_layers", ["true", "false"])
+def test_zero3_two_ranks_with_checkpointing_match_one_rank_and_partition_the_backbone(reference, tmp_path, leaf_layers):
     # Non-reentrant activation checkpointing on top: the shared adapters' gradients must still be the
-    # sum over layers (reentrant checkpointing would fire their hooks once per segment).
+    # sum over layers (reentrant checkpointing would fire their hooks once per segment). With leaf layers
+    # (the default) each decoder layer is fetched whole in one all-gather: the same training to float rounding.
     run_train(tmp_path, "--ds_config", ZERO3, "--micro_batch_size", "2", "--grad_accum", "2", "--gradient_checkpointing", "true",
-              *COMMON, nproc=2)
+              "--zero3_leaf_layers", leaf_layers, *COMMON, nproc=2)
     assert_same_training(tmp_path, reference)
     s = summary(tmp_path)
     assert s["zero_stage"] == 3 and s["replicas_identical"] is True
+    assert ("ZeRO-3 leaf modules (LlamaDecoderLayer)" in s["speed_features"]) == (leaf_layers == "true")
     assert_backbone_halved(s["backbone_partition"], max_persistent=0.01)
 
 

@@ -64,6 +64,8 @@ model, _ = FastLanguageModel.from_pretrained(model_dir, max_seq_length=seq, dtyp
                                              local_files_only=True)
 model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0, bias="none",
                                          target_modules=sys.argv[5].split(","), use_gradient_checkpointing=True)
+model = FastLanguageModel.for_training(model)  # training mode: checkpointing only acts while training
+model.train()
 params = [p for p in model.parameters() if p.requires_grad]
 opt = torch.optim.AdamW(params, lr=1e-4)
 g = torch.Generator().manual_seed(0)

@@ -51,6 +51,7 @@ def trainer_row(name: str, args, out_dir: Path) -> dict:
     steps = [h for h in s["history"] if "tokens_per_s" in h]
     return {"row": name, "tokens_per_s": statistics.median(h["tokens_per_s"] for h in steps[2:]),
             "peak_gb": s["peak_mem_gb_max"], "losses": [round(h["loss"], 4) for h in steps], "wall_s": time.time() - t0,
+            "step_tokens_per_s": [round(h["tokens_per_s"]) for h in steps],
             "speed_features": s.get("speed_features"), "startup_s": s["startup_s"]}
 
 
@@ -78,7 +79,7 @@ for step in range(steps):
         loss = model(input_ids=ids, labels=ids).loss
     loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
     torch.cuda.synchronize(); speeds.append(batch * seq / (time.perf_counter() - t0))
-print(json.dumps({"row": "unsloth", "tokens_per_s": statistics.median(speeds[2:]),
+print(json.dumps({"row": "unsloth", "tokens_per_s": statistics.median(speeds[2:]), "step_tokens_per_s": [round(v) for v in speeds],
                   "peak_gb": torch.cuda.max_memory_allocated() / 2**30, "trainable": sum(p.numel() for p in params)}))
 '''
 
@@ -104,18 +105,22 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--repeat", type=int, default=1, help="rounds of all rows, interleaved")
     p.add_argument("--workdir", default="runs/trainer_speed", help="the rows' output directories")
     args = p.parse_args(argv)
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.exists() else []
-    for name in [r for r in args.rows.split(",") if r]:
-        results.append(trainer_row(name, args, Path(args.workdir)))
-        print(json.dumps(results[-1])[:600], flush=True)
-        out.write_text(json.dumps(results, indent=1))  # after every row: a call cut short keeps what ran
-    if args.anchor == "unsloth":
-        results.append(unsloth_row(args))
-        print(json.dumps(results[-1])[:600], flush=True)
-        out.write_text(json.dumps(results, indent=1))
+    # --repeat R interleaves R rounds of every row (and the anchor): on a noisy machine a ratio is taken between
+    # neighbours in time, and the spread of the rounds shows the noise.
+    for _ in range(args.repeat):
+        for name in [r for r in args.rows.split(",") if r]:
+            results.append(trainer_row(name, args, Path(args.workdir)))
+            print(json.dumps(results[-1])[:700], flush=True)
+            out.write_text(json.dumps(results, indent=1))  # after every row: a call cut short keeps what ran
+        if args.anchor == "unsloth":
+            results.append(unsloth_row(args))
+            print(json.dumps(results[-1])[:700], flush=True)
+            out.write_text(json.dumps(results, indent=1))
     anchor = next((r["tokens_per_s"] for r in results if r["row"] == "unsloth" and "tokens_per_s" in r), None)
     print(f"{'row':<14}{'tokens/s':>10}{'peak GB':>9}{'x Unsloth':>11}")
     for r in results:

@@ -14,6 +14,7 @@ import torch
 import tools.bench
 from msplora_dist.errors import ConfigError, UserError
 from tools.bench.models import SHAPES
+from tools.bench.trainer_rows import TRAINER_VARIANTS
 
 MODES = ("speed", "layer", "check", "make-model", "make-data", "compare", "scaling-report", "trainer-row")
 
@@ -54,8 +55,8 @@ def check_args(args) -> None:
         raise ConfigError(f"--mode compare: --runs has {len(args.runs)} directories; expected two")
     if args.mode == "scaling-report" and not args.runs:
         raise ConfigError("--mode scaling-report: expected --runs with one or more training output directories")
-    if args.mode == "trainer-row" and (not args.variants or "," in args.variants):
-        raise ConfigError(f"--mode trainer-row: --variants {args.variants!r}; expected exactly one ds-* variant")
+    if args.mode == "trainer-row" and args.variants not in TRAINER_VARIANTS:
+        raise ConfigError(f"--mode trainer-row: --variants {args.variants!r}; expected one of {', '.join(TRAINER_VARIANTS)}")
     if args.warmup < 0 or args.iters < 1:
         raise ConfigError(f"--warmup {args.warmup} --iters {args.iters}: expected warmup >= 0 and iters >= 1")
 

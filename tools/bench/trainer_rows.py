@@ -153,7 +153,7 @@ def trainer_row_main(args) -> int:
     """--mode trainer-row: one row, written to --out as JSON (an error row too, so the parent can show it)."""
     from msplora_dist.dist.process import shutdown_distributed
 
-    (variant,) = args.variants.split(",")
+    variant = args.variants
     try:
         row = run_row(args.shape, variant, torch.device(args.device), args.warmup, args.iters, Path(args.workdir))
     except Exception as err:  # the parent reports it in the table and goes on with the other variants

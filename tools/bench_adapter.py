@@ -5,9 +5,9 @@ Each timed step is y = layer(x); y.backward(grad) with x requiring grad (as insi
 flows through the adapter too) and the base weight frozen. Variants are interleaved in a rotating order, so
 drift in the machine's speed (other processes, clocks) hits all of them alike; medians are reported.
 
-    python launch/bench_adapter.py                       # CPU, fp32, 2048x2048, 512 tokens, ranks 64,32,16 (~30 s)
-    python launch/bench_adapter.py --in-features 4096 --out-features 4096 --tokens 2048 --iters 10
-    python launch/bench_adapter.py --device cuda --dtype bf16 --in-features 4096 --out-features 4096 --tokens 2048 --iters 200
+    python -m tools.bench_adapter                       # CPU, fp32, 2048x2048, 512 tokens, ranks 64,32,16 (~30 s)
+    python -m tools.bench_adapter --in-features 4096 --out-features 4096 --tokens 2048 --iters 10
+    python -m tools.bench_adapter --device cuda --dtype bf16 --in-features 4096 --out-features 4096 --tokens 2048 --iters 200
 
 Variants:
   base       the frozen nn.Linear alone
@@ -23,12 +23,9 @@ import math
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from msplora_dist import LoRAPair, MSPLoRAConfig, MSPLoRALinear
 

@@ -2,18 +2,21 @@
 
 Run from the repository root (CPU only, offline, well under a minute)::
 
-    python launch/make_default_assets.py
+    python -m tools.make_default_assets                      # rewrites msplora_dist/assets/
+    python -m tools.make_default_assets --out /tmp/assets    # elsewhere, e.g. to compare with sha256sum
 
 It writes, deterministically (same bytes on every run with the same library
 versions; check with ``sha256sum``):
 
 * ``msplora_dist/assets/data/instructions.jsonl``: alpaca-style rows
-  ``{"instruction", "input", "output"}`` built from small templates and tables.
+  ``{"instruction", "input", "output"}`` built from small templates and tables
+  (tools/default_data.py).
 * ``msplora_dist/assets/data/chat.jsonl``: ``{"messages": [...]}`` rows.
 * ``msplora_dist/assets/data/text.jsonl``: ``{"text": ...}`` rows.
 * ``msplora_dist/assets/tiny_llama/``: a SentencePiece (BPE, byte fallback)
-  tokenizer trained on that data, exported as a transformers ``LlamaTokenizer``,
-  plus a randomly initialised 4-layer grouped-query ``LlamaForCausalLM``.
+  tokenizer trained on that data, exported as a transformers ``LlamaTokenizer``
+  (tools/sentencepiece_bpe.py), plus a randomly initialised 4-layer grouped-query
+  ``LlamaForCausalLM``.
 
 Everything is seeded; nothing is downloaded. The tokenizer corpus is cut up
 the way ``msplora_dist.train.data`` tokenizes rows (``msplora_dist.train.prompts`` supplies
@@ -26,12 +29,9 @@ SentencePiece model, and that the chat template renders prefix by prefix.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
-import random
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -41,362 +41,17 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import sentencepiece as spm
 import torch
-from sentencepiece import sentencepiece_model_pb2 as sp_model_pb2
-from tokenizers.models import BPE
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    LlamaConfig,
-    LlamaForCausalLM,
-    LlamaTokenizer,
-)
-from transformers.convert_slow_tokenizer import SentencePieceExtractor
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-# Run from a checkout without installing, like the other launch scripts.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from msplora_dist.train.prompts import alpaca_prompt
+from tools.default_data import build_datasets
+from tools.sentencepiece_bpe import build_tokenizer, check_tokenizer, train_sentencepiece
 
 SEED = 1234
-N_INSTRUCTIONS = 500
-N_CHAT = 100
-N_TEXT = 100
 VOCAB_SIZE = 768
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ASSETS_DIR = REPO_ROOT / "msplora_dist" / "assets"
-
-# Special-token layout follows the original LLaMA SentencePiece models (unk/bos/eos
-# at 0/1/2) plus a dedicated pad piece, so padding never aliases a real token.
-UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
-
-# Plain-text role markers (no extra special tokens needed). The {% generation %}
-# block lets ``apply_chat_template(..., return_assistant_tokens_mask=True)`` mark
-# assistant tokens for loss masking; the assistant turn ends with eos so a
-# fine-tuned model learns to stop.
-CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}"
-    "{{ 'System: ' + message['content'] + '\\n' }}"
-    "{% elif message['role'] == 'user' %}"
-    "{{ 'User: ' + message['content'] + '\\n' }}"
-    "{% elif message['role'] == 'assistant' %}"
-    "{{ 'Assistant: ' }}{% generation %}{{ message['content'] + eos_token }}{% endgeneration %}"
-    "{{ '\\n' }}"
-    "{% else %}"
-    "{{ raise_exception('Unsupported role: ' + message['role']) }}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'Assistant: ' }}{% endif %}"
-)
-
-# --------------------------------------------------------------------------- tables
-
-# Tables are kept compact on purpose; one entry per line would be ~200 lines of noise.
-# fmt: off
-WORDS = [
-    "apple", "river", "garden", "pencil", "window", "yellow", "castle", "dragon",
-    "silver", "forest", "candle", "rocket", "planet", "button", "pocket", "bridge",
-    "orange", "tiger", "music", "water", "stone", "cloud", "light", "bread",
-    "chair", "table", "house", "green", "happy", "quick", "smile", "train",
-    "lemon", "piano", "ocean", "paper", "sugar", "spoon", "horse", "mouse",
-    "bottle", "carpet", "basket", "winter", "summer", "monkey", "turtle", "rabbit",
-    "cookie", "jacket", "tomato", "kitten", "puzzle", "helmet", "ladder", "mirror",
-    "sun", "moon", "star", "tree", "bird", "fish", "book", "door", "lamp", "road",
-]
-
-PLURALS = {
-    "cat": "cats", "dog": "dogs", "book": "books", "tree": "trees", "bird": "birds",
-    "cup": "cups", "apple": "apples", "house": "houses", "box": "boxes", "fox": "foxes",
-    "bus": "buses", "dish": "dishes", "glass": "glasses", "watch": "watches",
-    "brush": "brushes", "church": "churches", "city": "cities", "baby": "babies",
-    "party": "parties", "story": "stories", "key": "keys", "toy": "toys", "day": "days",
-    "boy": "boys", "leaf": "leaves", "knife": "knives", "wolf": "wolves",
-    "hero": "heroes", "potato": "potatoes", "tomato": "tomatoes", "child": "children",
-    "mouse": "mice", "foot": "feet", "tooth": "teeth", "man": "men", "woman": "women",
-    "goose": "geese", "person": "people", "sheep": "sheep", "fish": "fish",
-}
-
-# Each word appears in exactly one pair so "opposite of X" has a single answer
-# in both directions.
-OPPOSITES = [
-    ("hot", "cold"), ("big", "small"), ("up", "down"), ("fast", "slow"),
-    ("happy", "sad"), ("light", "dark"), ("open", "closed"), ("old", "new"),
-    ("early", "late"), ("full", "empty"), ("high", "low"), ("hard", "soft"),
-    ("rich", "poor"), ("strong", "weak"), ("wet", "dry"), ("long", "short"),
-    ("loud", "quiet"), ("clean", "dirty"), ("left", "right"), ("push", "pull"),
-    ("win", "lose"), ("buy", "sell"), ("day", "night"), ("in", "out"),
-    ("above", "below"), ("first", "last"), ("thick", "thin"), ("sweet", "sour"),
-    ("near", "far"), ("top", "bottom"),
-]
-
-# Made-up countries: the facts are learnable only from this data, never "known".
-CAPITALS = {
-    "Zorvia": "Quellton", "Marnoth": "Bexford", "Talvania": "Ostrin",
-    "Kelmora": "Dunvale", "Brisca": "Pellmoor", "Ostara": "Venhold",
-    "Calderia": "Rimsby", "Norvala": "Thessen", "Ydris": "Cobbleton",
-    "Lumeria": "Glasmere", "Tharos": "Arkwell", "Vestmark": "Holloway",
-}
-
-COLORS = {
-    "a banana": "yellow", "grass": "green", "the sky": "blue", "snow": "white",
-    "coal": "black", "a tomato": "red", "a carrot": "orange", "a lemon": "yellow",
-    "a cherry": "red", "a leaf": "green", "the ocean": "blue", "milk": "white",
-    "chocolate": "brown", "a plum": "purple", "a pumpkin": "orange", "a crow": "black",
-    "a strawberry": "red", "a cloud": "white", "soil": "brown", "a grape": "purple",
-}
-
-SOUNDS = {
-    "cow": "moo", "dog": "woof", "cat": "meow", "duck": "quack", "sheep": "baa",
-    "pig": "oink", "horse": "neigh", "owl": "hoot", "lion": "roar", "bee": "buzz",
-    "snake": "hiss", "frog": "ribbit", "mouse": "squeak", "crow": "caw",
-}
-# fmt: on
-
-
-# ------------------------------------------------------------------------ templates
-# Each task returns (instruction, input, output). Several phrasings per task keep
-# the data varied, while the answer formats stay regular enough for a ~300k
-# parameter model to pick them up in a minute of CPU training.
-
-
-def _article(word: str) -> str:
-    return "an" if word[0] in "aeiou" else "a"
-
-
-def _num_list(rng: random.Random, k_min: int = 3, k_max: int = 5) -> list[int]:
-    return rng.sample(range(1, 20), rng.randint(k_min, k_max))
-
-
-def _join(nums: list[int]) -> str:
-    return ", ".join(str(n) for n in nums)
-
-
-def task_reverse(rng: random.Random) -> tuple[str, str, str]:
-    w = rng.choice(WORDS)
-    r = w[::-1]
-    return rng.choice(
-        [
-            ("Reverse the word.", w, r),
-            ("Write the word backwards.", w, r),
-            (f'Reverse the letters in the word "{w}".', "", r),
-            (f"What is {w} spelled backwards?", "", f"{w} spelled backwards is {r}."),
-        ]
-    )
-
-
-def task_upper(rng: random.Random) -> tuple[str, str, str]:
-    w = rng.choice(WORDS)
-    phrase = " ".join(rng.sample(WORDS, 2))
-    return rng.choice(
-        [
-            ("Convert the word to uppercase.", w, w.upper()),
-            (f"Write {w} in capital letters.", "", w.upper()),
-            ("Make every letter uppercase.", phrase, phrase.upper()),
-            ("Convert the text to lowercase.", phrase.upper(), phrase),
-        ]
-    )
-
-
-def task_sort(rng: random.Random) -> tuple[str, str, str]:
-    nums = _num_list(rng)
-    asc, desc = sorted(nums), sorted(nums, reverse=True)
-    return rng.choice(
-        [
-            ("Sort the numbers from smallest to largest.", _join(nums), _join(asc)),
-            ("Sort these numbers in descending order.", _join(nums), _join(desc)),
-            (f"Put {_join(nums)} in increasing order.", "", _join(asc)),
-        ]
-    )
-
-
-def task_minmax(rng: random.Random) -> tuple[str, str, str]:
-    nums = _num_list(rng)
-    return rng.choice(
-        [
-            ("Which number is the largest?", _join(nums), str(max(nums))),
-            ("Which number is the smallest?", _join(nums), str(min(nums))),
-            (f"What is the largest of {_join(nums)}?", "", f"The largest is {max(nums)}."),
-        ]
-    )
-
-
-def task_arith(rng: random.Random) -> tuple[str, str, str]:
-    a, b = rng.randint(0, 20), rng.randint(0, 20)
-    hi, lo = max(a, b), min(a, b)
-    return rng.choice(
-        [
-            (f"What is {a} plus {b}?", "", f"{a} plus {b} is {a + b}."),
-            ("Add the two numbers.", f"{a} and {b}", str(a + b)),
-            (f"Compute {a} + {b}.", "", f"{a} + {b} = {a + b}"),
-            (f"What is {hi} minus {lo}?", "", f"{hi} minus {lo} is {hi - lo}."),
-        ]
-    )
-
-
-def task_count(rng: random.Random) -> tuple[str, str, str]:
-    start = rng.randint(1, 15)
-    stop = start + rng.randint(2, 6)
-    seq = _join(list(range(start, stop + 1)))
-    return rng.choice(
-        [
-            (f"Count from {start} to {stop}.", "", seq),
-            ("List the whole numbers between the two numbers, inclusive.", f"{start} and {stop}", seq),
-        ]
-    )
-
-
-def task_plural(rng: random.Random) -> tuple[str, str, str]:
-    n = rng.choice(sorted(PLURALS))
-    p = PLURALS[n]
-    return rng.choice(
-        [
-            (f"What is the plural of {n}?", "", f"The plural of {n} is {p}."),
-            ("Give the plural form of the noun.", n, p),
-            (f"What is the singular of {p}?", "", f"The singular of {p} is {n}."),
-        ]
-    )
-
-
-def task_opposite(rng: random.Random) -> tuple[str, str, str]:
-    a, b = rng.choice(OPPOSITES)
-    if rng.random() < 0.5:
-        a, b = b, a
-    return rng.choice(
-        [
-            (f"What is the opposite of {a}?", "", f"The opposite of {a} is {b}."),
-            ("Give the opposite of the word.", a, b),
-            ("Write an antonym for the word.", a, b),
-        ]
-    )
-
-
-def task_letters(rng: random.Random) -> tuple[str, str, str]:
-    w = rng.choice(WORDS)
-    c = rng.choice(sorted(set(w)))
-    k = w.count(c)
-    times = "time" if k == 1 else "times"
-    return rng.choice(
-        [
-            (f"How many letters are in the word {w}?", "", f"The word {w} has {len(w)} letters."),
-            ("Count the letters in the word.", w, str(len(w))),
-            (f"How many times does the letter {c} appear in {w}?", "", f"The letter {c} appears {k} {times}."),
-            (f"What is the first letter of {w}?", "", f"The first letter of {w} is {w[0]}."),
-            (f"What is the last letter of {w}?", "", f"The last letter of {w} is {w[-1]}."),
-        ]
-    )
-
-
-def task_capital(rng: random.Random) -> tuple[str, str, str]:
-    country = rng.choice(sorted(CAPITALS))
-    cap = CAPITALS[country]
-    return rng.choice(
-        [
-            (f"What is the capital of {country}?", "", f"The capital of {country} is {cap}."),
-            ("Name the capital city of the country.", country, cap),
-            (f"{cap} is the capital of which country?", "", f"{cap} is the capital of {country}."),
-        ]
-    )
-
-
-def task_color(rng: random.Random) -> tuple[str, str, str]:
-    thing = rng.choice(sorted(COLORS))
-    col = COLORS[thing]
-    return rng.choice(
-        [
-            (f"What color is {thing}?", "", f"{thing[0].upper() + thing[1:]} is {col}."),
-            ("Name the usual color of the thing.", thing, col),
-        ]
-    )
-
-
-def task_sound(rng: random.Random) -> tuple[str, str, str]:
-    animal = rng.choice(sorted(SOUNDS))
-    s = SOUNDS[animal]
-    return rng.choice(
-        [
-            (f"What sound does {_article(animal)} {animal} make?", "", f"{_article(animal).capitalize()} {animal} says {s}."),
-            ("Which animal makes this sound?", s, f"{_article(animal).capitalize()} {animal} says {s}."),
-        ]
-    )
-
-
-def task_repeat(rng: random.Random) -> tuple[str, str, str]:
-    w = rng.choice(WORDS)
-    k = rng.randint(2, 4)
-    word_k = {2: "two", 3: "three", 4: "four"}[k]
-    return (f"Repeat the word {word_k} times.", w, " ".join([w] * k))
-
-
-TASKS = [
-    task_reverse, task_upper, task_sort, task_minmax, task_arith, task_count,
-    task_plural, task_opposite, task_letters, task_capital, task_color, task_sound,
-    task_repeat,
-]  # fmt: skip
-
-
-def _unique_rows(rng: random.Random, n: int, seen: set[tuple[str, str]]) -> list[tuple[str, str, str]]:
-    """Draw ``n`` rows, round-robin over tasks, skipping (instruction, input) repeats."""
-    rows: list[tuple[str, str, str]] = []
-    i = 0
-    while len(rows) < n:
-        row = TASKS[i % len(TASKS)](rng)
-        i += 1
-        if (row[0], row[1]) in seen:
-            continue
-        seen.add((row[0], row[1]))
-        rows.append(row)
-    rng.shuffle(rows)
-    return rows
-
-
-def _user_text(instruction: str, inp: str) -> str:
-    return f"{instruction}\n{inp}" if inp else instruction
-
-
-def build_datasets(seed: int) -> tuple[list[dict], list[dict], list[dict]]:
-    rng = random.Random(seed)
-    seen: set[tuple[str, str]] = set()
-    instructions = [{"instruction": ins, "input": inp, "output": out} for ins, inp, out in _unique_rows(rng, N_INSTRUCTIONS, seen)]
-
-    # Chat rows share the generator but not the rows (``seen`` is shared), so a
-    # test can mix formats without exact duplicates. ~1 in 4 is two-turn, to
-    # exercise multi-turn masking.
-    chat_pairs = _unique_rows(rng, N_CHAT + N_CHAT // 2, seen)
-    chat: list[dict] = []
-    it = iter(chat_pairs)
-    while len(chat) < N_CHAT:
-        turns = 2 if len(chat) % 4 == 3 else 1
-        messages = []
-        for _ in range(turns):
-            ins, inp, out = next(it)
-            messages.append({"role": "user", "content": _user_text(ins, inp)})
-            messages.append({"role": "assistant", "content": out})
-        chat.append({"messages": messages})
-
-    # Plain-text rows: 2-3 declarative facts from the same tables.
-    text: list[dict] = []
-    for _ in range(N_TEXT):
-        facts = []
-        for _ in range(rng.randint(2, 3)):
-            kind = rng.randrange(5)
-            if kind == 0:
-                c = rng.choice(sorted(CAPITALS))
-                facts.append(f"The capital of {c} is {CAPITALS[c]}.")
-            elif kind == 1:
-                a, b = rng.choice(OPPOSITES)
-                facts.append(f"The opposite of {a} is {b}.")
-            elif kind == 2:
-                n = rng.choice(sorted(PLURALS))
-                facts.append(f"The plural of {n} is {PLURALS[n]}.")
-            elif kind == 3:
-                animal = rng.choice(sorted(SOUNDS))
-                facts.append(f"{_article(animal).capitalize()} {animal} says {SOUNDS[animal]}.")
-            else:
-                a, b = rng.randint(0, 20), rng.randint(0, 20)
-                facts.append(f"{a} plus {b} is {a + b}.")
-        text.append({"text": " ".join(facts)})
-    return instructions, chat, text
 
 
 # ------------------------------------------------------------------------ tokenizer
@@ -419,7 +74,7 @@ def tokenizer_corpus(instructions: list[dict], chat: list[dict], text: list[dict
     for r in instructions:
         segments += [(alpaca_prompt(r["instruction"], r["input"]), True), (r["output"], True)]
     for r in chat:
-        # CHAT_TEMPLATE renders "<s>User: ...\nAssistant: " + reply + "</s>\n" per turn pair.
+        # sentencepiece_bpe.CHAT_TEMPLATE renders "<s>User: ...\nAssistant: " + reply + "</s>\n" per turn pair.
         for i, m in enumerate(r["messages"]):
             if m["role"] == "user":
                 segments.append((f"User: {m['content']}\nAssistant: ", i > 0))  # after "<s>" on the first turn
@@ -433,85 +88,6 @@ def tokenizer_corpus(instructions: list[dict], chat: list[dict], text: list[dict
             if line.strip():
                 lines.append(" " + line if prefixed and i == 0 else line)
     return lines
-
-
-def train_sentencepiece(lines: list[str], seed: int) -> bytes:
-    spm.set_random_generator_seed(seed)
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines),
-        model_writer=model,
-        model_type="bpe",
-        vocab_size=VOCAB_SIZE,
-        character_coverage=1.0,
-        byte_fallback=True,  # any UTF-8 text tokenizes, no <unk> in practice
-        split_digits=True,  # one token per digit: arithmetic/sorting rows stay learnable
-        # LLaMA-style normalisation: none, so decode(encode(x)) == x exactly.
-        normalization_rule_name="identity",
-        add_dummy_prefix=False,  # added by hand in tokenizer_corpus, see there
-        remove_extra_whitespaces=False,
-        allow_whitespace_only_pieces=True,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=3,
-        unk_piece=UNK,
-        bos_piece=BOS,
-        eos_piece=EOS,
-        pad_piece=PAD,
-        num_threads=1,  # single thread keeps training bit-for-bit reproducible
-        shuffle_input_sentence=False,
-        minloglevel=2,
-    )
-    # Encoding-time behaviour must match the LLaMA tokenizer (prefix at the start
-    # of a text), so switch the dummy prefix back on in the shipped model. The
-    # vocabulary and merges are unaffected by this flag.
-    proto = sp_model_pb2.ModelProto()
-    proto.ParseFromString(model.getvalue())
-    proto.normalizer_spec.add_dummy_prefix = True
-    return proto.SerializeToString()
-
-
-def build_tokenizer(spm_path: Path) -> LlamaTokenizer:
-    """Turn the SentencePiece BPE model into a transformers ``LlamaTokenizer``.
-
-    transformers 5's ``LlamaTokenizer`` is a tokenizers BPE model with byte
-    fallback and a Metaspace pre-tokenizer, i.e. exactly what SentencePiece BPE
-    does; we feed it the SentencePiece vocab and merges directly (the merge
-    ranks follow the piece order). Going through ``from_pretrained`` on the bare
-    .model would also work but leaks load-time kwargs into tokenizer_config.json.
-    save_pretrained writes tokenizer.json, so later loads never need sentencepiece.
-    """
-    extracted = SentencePieceExtractor(str(spm_path)).extract(BPE)
-    tok = LlamaTokenizer(
-        vocab=extracted["vocab"],
-        merges=extracted["merges"],
-        unk_token=UNK,
-        bos_token=BOS,
-        eos_token=EOS,
-        pad_token=PAD,
-        add_bos_token=True,
-        add_eos_token=False,
-        legacy=False,
-        add_prefix_space=True,
-        model_max_length=256,
-        padding_side="right",  # training pads right; flip for batched generation
-    )
-    tok.chat_template = CHAT_TEMPLATE
-    return tok
-
-
-def check_tokenizer(tok, sp: spm.SentencePieceProcessor, samples: list[str]) -> None:
-    for s in samples:
-        ids_hf = tok.encode(s, add_special_tokens=False)
-        ids_sp = sp.encode(s)
-        if ids_hf != ids_sp:
-            raise AssertionError(f"HF/SentencePiece mismatch on {s!r}: {ids_hf} vs {ids_sp}")
-        if tok.decode(ids_hf) != s:
-            raise AssertionError(f"round trip failed on {s!r}: {tok.decode(ids_hf)!r}")
-        with_bos = tok.encode(s)
-        if with_bos[0] != tok.bos_token_id or with_bos[1:] != ids_hf:
-            raise AssertionError(f"bos handling unexpected on {s!r}: {with_bos}")
 
 
 def check_chat_template(tok, chat: list[dict]) -> None:
@@ -593,7 +169,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp_dir = Path(tmp)
         spm_path = tmp_dir / "tokenizer.model"
-        spm_path.write_bytes(train_sentencepiece(tokenizer_corpus(instructions, chat, text), args.seed))
+        spm_path.write_bytes(train_sentencepiece(tokenizer_corpus(instructions, chat, text), VOCAB_SIZE, args.seed))
         sp = spm.SentencePieceProcessor(model_file=str(spm_path))
 
         tok = build_tokenizer(spm_path)

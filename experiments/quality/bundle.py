@@ -4,9 +4,9 @@ A device call returns at most 8 files of at most 16 MiB each (64 MiB together) f
 most 64 MiB of ignored paths to the next machine. The base model alone is 44 MB, so what must travel is
 packed into one gzipped tar, cut into parts of --part_mb, with a manifest of sha256 sums:
 
-    python launch/quality/bundle.py pack --root runs/quality --what base --out "$OUT"   # base.tgz.000.. + base.bundle.json
-    python launch/quality/bundle.py pack --root runs/quality --what grid --out "$OUT"   # grid results (+ two adapters)
-    python launch/quality/bundle.py unpack --src /work/.device/.../files --root runs/quality   # verify, then extract
+    python -m experiments.quality.bundle pack --root runs/quality --what base --out "$OUT"   # base.tgz.000.. + base.bundle.json
+    python -m experiments.quality.bundle pack --root runs/quality --what grid --out "$OUT"   # grid results (+ two adapters)
+    python -m experiments.quality.bundle unpack --src <files_at> --root runs/quality   # verify, then extract
 
 --what base: corpus/manifest.json, tokenizer/, task/, base/ (never the corpus text: it is rebuilt from the
 Python installation, and the manifest's hashes say whether it would come out the same).
@@ -21,12 +21,11 @@ import fnmatch
 import gzip
 import io
 import platform
-import sys
 import tarfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import qlib
+from experiments.quality import qlib
+from msplora_dist.utils.fileio import sha256_file
 
 CELL_FILES = ("result.json", "summary.json", "train_config.yaml", "train.log")
 DEFAULT_ADAPTERS = ("lora_qv_r64__final__*__s1", "msp_qv_paper__final__*__s1")
@@ -91,7 +90,7 @@ def pack(root: Path, members: list[Path], out: Path, name: str, part_mb: float) 
             tar.add(m, arcname=m.relative_to(root).as_posix())
     writer.close()
     manifest = {"name": name, "members": [m.relative_to(root).as_posix() for m in members],
-                "parts": [{"file": p.name, "bytes": p.stat().st_size, "sha256": qlib.sha256_file(p)} for p in writer.parts],
+                "parts": [{"file": p.name, "bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in writer.parts],
                 "python": platform.python_version()}
     qlib.write_json(out / f"{name}.bundle.json", manifest)
     total = sum(p["bytes"] for p in manifest["parts"])
@@ -106,7 +105,7 @@ def unpack(src: Path, root: Path) -> list[str]:
         manifest = qlib.read_json(manifest_path)
         parts = [manifest_path.parent / p["file"] for p in manifest["parts"]]
         for part, meta in zip(parts, manifest["parts"], strict=True):
-            if not part.exists() or qlib.sha256_file(part) != meta["sha256"]:
+            if not part.exists() or sha256_file(part) != meta["sha256"]:
                 raise SystemExit(f"error: {part} is missing or does not match its sha256 in {manifest_path}")
         stream = io.BytesIO(b"".join(p.read_bytes() for p in parts))
         root.mkdir(parents=True, exist_ok=True)

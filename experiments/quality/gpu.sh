@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One device call of the quality test (docs/quality.md, "Running it on the GPU machine"). From the repo root:
 #
-#   bash launch/quality/gpu.sh all      # corpus, task, pretraining, then grid cells until the call's budget
-#   bash launch/quality/gpu.sh grid     # more grid cells (the root carried in, or still on a warm machine)
-#   bash launch/quality/gpu.sh base     # corpus, task and pretraining only
+#   bash experiments/quality/gpu.sh all      # corpus, task, pretraining, then grid cells until the call's budget
+#   bash experiments/quality/gpu.sh grid     # more grid cells (the root carried in, or still on a warm machine)
+#   bash experiments/quality/gpu.sh base     # corpus, task and pretraining only
 #
 # Every mode ends by packing what must come back into $OUT (<= 8 files of <= 16 MiB: bundle.py) and a log
 # ($OUT/log.txt). "all" skips the base stage when ROOT/base and ROOT/task already exist (a repeated call).
@@ -11,8 +11,8 @@
 # the corpus is then the same as here whatever the image's Python; unset: the image's own stdlib), QUALITY_ROOT (runs/quality), CALL_BUDGET_S (seconds from this script's start that the
 # call may use, 530: leaves margin under a 600 s limit), PRETRAIN_TOKENS (100M), PRETRAIN_MAX_S (240),
 # JOBS (grid cells at once, 4), GPUS (e.g. "0,1" on a 2-GPU machine); PREPARE_ARGS, TASK_ARGS, PRETRAIN_ARGS,
-# GRID_ARGS: more flags for prepare.py, make_task.py, pretrain.py, grid.py.
-# Wheels: if .whl/ is here (bash ../shared/gpu/make_wheels.sh, carried along), they are installed first
+# GRID_ARGS: more flags for prepare, make_task, pretrain, grid. Every stage runs as a module from the repo root.
+# Wheels: if .whl/ is here (built outside the repository, see docs/quality.md, and carried along), they are installed first
 # (NO_WHEELS=1 skips that, e.g. to try this script on a CPU machine with smoke-sized *_ARGS).
 set -uo pipefail
 mode=${1:-all}
@@ -25,20 +25,20 @@ stage() { echo "== [$SECONDS s] $*"; "$@"; }
 
 # shellcheck disable=SC2086
 run_base() {
-  stage python3 launch/quality/prepare.py --root "$ROOT" ${STDLIB:+--stdlib "$STDLIB"} ${PREPARE_ARGS:-} &&
-  stage python3 launch/quality/make_task.py --root "$ROOT" ${TASK_ARGS:-} &&
-  stage python3 launch/quality/pretrain.py --root "$ROOT" --tokens "${PRETRAIN_TOKENS:-100M}" --max_train_s "${PRETRAIN_MAX_S:-240}" \
+  stage python3 -m experiments.quality.prepare --root "$ROOT" ${STDLIB:+--stdlib "$STDLIB"} ${PREPARE_ARGS:-} &&
+  stage python3 -m experiments.quality.make_task --root "$ROOT" ${TASK_ARGS:-} &&
+  stage python3 -m experiments.quality.pretrain --root "$ROOT" --tokens "${PRETRAIN_TOKENS:-100M}" --max_train_s "${PRETRAIN_MAX_S:-240}" \
     ${PRETRAIN_ARGS:-} &&
-  stage python3 launch/quality/bundle.py pack --root "$ROOT" --what base --out "$OUT"
+  stage python3 -m experiments.quality.bundle pack --root "$ROOT" --what base --out "$OUT"
 }
 
 # shellcheck disable=SC2086
 run_grid() {
   local left=$((BUDGET - SECONDS - 20))
   if [ "$left" -lt 60 ]; then echo "== [$SECONDS s] no time left for grid cells"; return 0; fi
-  stage python3 launch/quality/grid.py --root "$ROOT" --jobs "${JOBS:-4}" --deadline_s "$left" ${GPUS:+--gpus "$GPUS"} ${GRID_ARGS:-}
-  stage python3 launch/quality/bundle.py pack --root "$ROOT" --what grid --out "$OUT"
-  stage python3 launch/quality/grid.py --root "$ROOT" --status ${GRID_ARGS:-}
+  stage python3 -m experiments.quality.grid --root "$ROOT" --jobs "${JOBS:-4}" --deadline_s "$left" ${GPUS:+--gpus "$GPUS"} ${GRID_ARGS:-}
+  stage python3 -m experiments.quality.bundle pack --root "$ROOT" --what grid --out "$OUT"
+  stage python3 -m experiments.quality.grid --root "$ROOT" --status ${GRID_ARGS:-}
 }
 
 main() {
@@ -64,7 +64,7 @@ print('image stdlib', p, '| test suite:', has('test', 'test_json'), '| tkinter:'
       if [ "$rc" -eq 0 ]; then run_grid || rc=$?; fi ;;
     base) run_base || rc=$? ;;
     grid) run_grid || rc=$? ;;
-    *) echo "usage: bash launch/quality/gpu.sh all|base|grid"; return 2 ;;
+    *) echo "usage: bash experiments/quality/gpu.sh all|base|grid"; return 2 ;;
   esac
   echo "== [$SECONDS s] done (exit $rc); \$OUT holds: $(ls "$OUT" | tr '\n' ' ')"
   return "$rc"

@@ -1,13 +1,18 @@
-"""The quality test's experiment grid: LoRA against MSPLoRA on the docstring task, run with launch/train.py.
+"""The quality test's experiment grid: LoRA against MSPLoRA on the docstring task, trained with the Trainer.
 
-Run after pretrain.py and make_task.py, on the same root (each cell is one `python launch/train.py` run,
-ZeRO-2, one GPU; finished cells are skipped, so repeated calls continue the grid):
+Run after pretrain.py and make_task.py, on the same root, from the repository root (ZeRO-2, one GPU per cell;
+finished cells are skipped, so repeated calls continue the grid):
 
-    python launch/quality/grid.py --root runs/quality --dry_run                       # the plan, parameter counts
-    python launch/quality/grid.py --root runs/quality --jobs 4 --deadline_s 500      # one device call
-    python launch/quality/grid.py --root runs/quality --status                       # what is done, best LRs
-    python launch/quality/grid.py --root runs/quality-smoke --arms lora_qv_r64,msp_qv_paper --lrs 1e-3 \\
-        --seeds 0 --steps 4 --micro_batch_size 4 --eval_steps 2                       # CPU smoke (2 cells)
+    python -m experiments.quality.grid --root runs/quality --dry_run                  # the plan, parameter counts
+    python -m experiments.quality.grid --root runs/quality --jobs 4 --deadline_s 500  # one device call
+    python -m experiments.quality.grid --root runs/quality --status                   # what is done, best LRs
+    python -m experiments.quality.grid --root runs/quality-smoke --arms lora_qv_r64,msp_qv_paper --lrs 1e-3 \\
+        --seeds 0 --steps 4 --micro_batch_size 4 --eval_steps 2                  # CPU smoke (2 cells)
+
+Cells run in-process: --jobs worker processes (worker.py; on one GPU they share it, --gpus spreads them),
+each training a queue of cells one after another with msplora_dist.train.trainer.Trainer(cfg).fit() on a
+TrainConfig built here (cell_values), so Python, torch, DeepSpeed and the process group start once per
+worker, not once per cell. A cell that fails is recorded as an error and the grid goes on.
 
 Arms (alpha 16 and dropout 0.05 at every level, 3 mid groups: the paper's settings; plain LoRA is MSPLoRA
 with ranks (0, 0, r), i.e. one layer-specific pair per layer, exactly LoRA):
@@ -28,11 +33,12 @@ numbers (test is never used for any choice). Cells run lr phase first, then seed
 grid cut short still compares every arm on the same seeds.
 
 Each cell writes its trainer output in grid/cells/<cell>/ (adapter/, summary.json, train.log) and, last,
-grid/cells/<cell>/result.json (status ok / diverged / error, final and base eval loss, eval curve, trainable
-parameters, tokens/s, wall time, the exact command). A cell with a result.json is done; cells cut off by the
+grid/cells/<cell>/result.json (status ok / diverged / error and the error, final and base eval loss, eval
+curve, trainable parameters, tokens/s, wall time, the TrainConfig and the launch/train.py command that
+reproduces the cell alone). A cell with a result.json is done; cells cut off by the
 deadline leave none and rerun next time (--overwrite restarts them). --deadline_s: no cell starts that would
 not finish in time (its length is estimated from finished cells, or --cell_estimate_s), and a running cell
-still going at the deadline is killed.
+still going at the deadline is killed with its worker.
 """
 
 from __future__ import annotations
@@ -41,23 +47,20 @@ import argparse
 import fnmatch
 import json
 import math
+import multiprocessing.connection
 import os
 import shlex
 import signal
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import qlib
-
-qlib.add_repo_to_path()
-
-from msplora_dist import ALL_LINEAR_TARGETS, MSPLoRAConfig, count_params  # noqa: E402
-from msplora_dist.train.backbone import projection_features  # noqa: E402
+from experiments.quality import qlib
+from experiments.quality.worker import Worker
+from msplora_dist import ALL_LINEAR_TARGETS, MSPLoRAConfig, count_params
+from msplora_dist.train.backbone import projection_features
 
 QV = ("q_proj", "v_proj")
 PAPER_RANKS = (64, 32, 16)
@@ -211,8 +214,8 @@ def is_done(result: dict | None, retry_errors: bool) -> bool:
 
 
 def repo_relative(path: Path) -> str:
-    """Paths inside the checkout relative to it (the trainer runs from the repo root), so a recorded
-    command reads the same on every machine."""
+    """Paths inside the checkout relative to it (the workers run from the repo root), so a recorded
+    configuration and command read the same on every machine."""
     path = Path(path).absolute()
     try:
         return path.relative_to(qlib.REPO).as_posix()
@@ -220,32 +223,35 @@ def repo_relative(path: Path) -> str:
         return str(path)
 
 
-def train_command(cell: Cell, arm: Arm, proto: Protocol, root: Path, grid_dir: Path) -> list[str]:
-    ranks = ",".join(map(str, arm.ranks))
-    return [sys.executable, "launch/train.py",
-            "--ds_config", proto.ds_config, "--model", repo_relative(root / "base"),
-            "--data", repo_relative(root / "task" / "train.jsonl"),
-            "--eval_data", repo_relative(root / "task" / f"{cell.eval_split}.jsonl"),
-            "--output_dir", repo_relative(cell_dir(grid_dir, cell.name)), "--overwrite", "true",
-            "--ranks", ranks, "--alphas", str(proto.alphas), "--dropout", str(proto.dropout),
-            "--num_mid_groups", str(proto.num_mid_groups), "--target_modules", ",".join(arm.targets),
-            "--max_steps", str(proto.steps), "--micro_batch_size", str(proto.micro_batch_size), "--grad_accum", str(proto.grad_accum),
-            "--lr", f"{cell.lr:g}", "--warmup_ratio", str(proto.warmup_ratio), "--min_lr_ratio", str(proto.min_lr_ratio),
-            "--weight_decay", str(proto.weight_decay), "--max_grad_norm", str(proto.max_grad_norm), "--seed", str(cell.seed),
-            "--max_seq_len", str(proto.max_seq_len), "--eval_steps", str(proto.eval_steps), "--save_steps", "0",
-            "--keep_last", "1", "--log_steps", "10", "--analyze", "false", "--attn_implementation", proto.attn_implementation]
+def cell_values(cell: Cell, arm: Arm, proto: Protocol, root: Path, grid_dir: Path) -> dict:
+    """The TrainConfig fields of one cell (the rest keep their defaults); a worker trains TrainConfig(**these)."""
+    return dict(ds_config=proto.ds_config, model=repo_relative(root / "base"), data=repo_relative(root / "task" / "train.jsonl"),
+                eval_data=repo_relative(root / "task" / f"{cell.eval_split}.jsonl"),
+                output_dir=repo_relative(cell_dir(grid_dir, cell.name)), overwrite=True,
+                ranks=tuple(arm.ranks), alphas=(proto.alphas,) * 3, dropout=(proto.dropout,) * 3,
+                num_mid_groups=proto.num_mid_groups, target_modules=tuple(arm.targets), max_steps=proto.steps,
+                micro_batch_size=proto.micro_batch_size, grad_accum=proto.grad_accum, lr=cell.lr,
+                warmup_ratio=proto.warmup_ratio, min_lr_ratio=proto.min_lr_ratio, weight_decay=proto.weight_decay,
+                max_grad_norm=proto.max_grad_norm, seed=cell.seed, max_seq_len=proto.max_seq_len, eval_steps=proto.eval_steps,
+                save_steps=0, keep_last=1, log_steps=10, analyze=False, attn_implementation=proto.attn_implementation)
 
 
-def cell_env(slot: int, jobs: int, gpus: list[str] | None) -> dict:
-    env = dict(os.environ)
-    env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(qlib.REPO), env.get("PYTHONPATH", "")])),
-               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONUNBUFFERED="1")
+def train_command(values: dict) -> str:
+    """The launch/train.py command that trains the same configuration alone, from the repository root."""
+    def flag(v) -> str:
+        return ",".join(map(str, v)) if isinstance(v, tuple) else str(v).lower() if isinstance(v, bool) else str(v)
+
+    return shlex.join(["python", "launch/train.py", *(x for k, v in values.items() for x in (f"--{k}", flag(v)))])
+
+
+def cell_env(slot: int, jobs: int, gpus: list[str] | None) -> dict[str, str]:
+    """The environment a worker process starts with (before it imports torch or DeepSpeed)."""
+    env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     if gpus:
         env["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
     if not _cuda_available():
-        env.setdefault("DS_ACCELERATOR", "cpu")
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, jobs)))
+        env["DS_ACCELERATOR"] = os.environ.get("DS_ACCELERATOR", "cpu")
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, jobs)))  # the jobs share the cores
     return env
 
 
@@ -258,18 +264,20 @@ def _cuda_available() -> bool:
         return False
 
 
-def summarize_cell(cell: Cell, arm: Arm, proto: Protocol, returncode: int, wall_s: float, command: list[str], jobs: int,
-                   out_dir: Path) -> dict:
-    """result.json of one finished trainer run."""
+def summarize_cell(cell: Cell, arm: Arm, proto: Protocol, values: dict, outcome: dict, jobs: int, out_dir: Path) -> dict:
+    """result.json of one finished cell, from the worker's outcome and the trainer's summary.json."""
     summary_path = out_dir / "summary.json"
-    summary = qlib.read_json(summary_path) if summary_path.exists() and returncode == 0 else None
-    status = "ok" if returncode == 0 and summary else "diverged" if returncode == 3 else "error"
+    status = outcome["status"]
+    summary = qlib.read_json(summary_path) if status == "ok" and summary_path.exists() else None
+    if status == "ok" and summary is None:
+        status, outcome = "error", dict(outcome, error="the trainer returned but wrote no summary.json")
     result = {"name": cell.name, "arm": arm.name, "kind": arm.kind, "phase": cell.phase, "eval_split": cell.eval_split,
-              "lr": cell.lr, "seed": cell.seed, "status": status, "returncode": returncode,
+              "lr": cell.lr, "seed": cell.seed, "status": status, "error": outcome.get("error"),
               "ranks": list(arm.ranks), "targets": list(arm.targets), "trainable_params": arm.params, "matched_to": arm.matched_to,
-              "wall_s": round(wall_s, 2), "concurrent_jobs": jobs, "protocol": asdict(proto),
-              "command": shlex.join(["python", *command[1:]]), "python_executable": command[0],
-              "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "env": qlib.env_info()}
+              "wall_s": outcome["wall_s"], "concurrent_jobs": jobs, "protocol": asdict(proto),
+              "train_config": {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()},
+              "command": train_command(values), "python_executable": sys.executable, "worker": outcome.get("worker"),
+              "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "env": outcome.get("env")}
     if summary:
         history = summary["history"]
         evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
@@ -292,11 +300,7 @@ def summarize_cell(cell: Cell, arm: Arm, proto: Protocol, returncode: int, wall_
 @dataclass
 class Running:
     cell: Cell
-    proc: subprocess.Popen
-    started: float
-    command: list[str]
-    slot: int
-    log_file: object
+    values: dict
 
 
 def cell_estimate(grid_dir: Path, default: float) -> float:
@@ -307,23 +311,11 @@ def cell_estimate(grid_dir: Path, default: float) -> float:
     return 1.15 * max(walls[-12:]) if walls else default
 
 
-def kill(proc: subprocess.Popen) -> None:
-    """End a cell's trainer and its children (their own process group, started by us)."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=10)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
 class GridRun:
-    """One invocation's scheduler: start runnable cells while slots and time remain, reap them, write
-    their results; on the deadline or a signal, end the cells still running (they rerun next time)."""
+    """One invocation's scheduler: --jobs worker processes (worker.py), each training the cells it is handed
+    in-process, one after another. It hands runnable cells to idle workers while time remains, writes each
+    result as it comes back, and on the deadline or a signal kills the workers still training (their cells
+    rerun next time)."""
 
     def __init__(self, args, arms: list[Arm], proto: Protocol, log):
         self.args, self.proto, self.log = args, proto, log
@@ -331,10 +323,10 @@ class GridRun:
         self.grid_dir = args.root / "grid"
         self.t0 = time.perf_counter()
         self.deadline = self.t0 + args.deadline_s if args.deadline_s else None
-        self.running: list[Running] = []
+        self.workers: dict[int, Worker] = {}  # slot -> its live worker (started when a cell needs it)
+        self.running: dict[int, Running] = {}  # slot -> the cell its worker trains
         self.started: set[str] = set()
-        self.free_slots = list(range(args.jobs))
-        self.counts = {"ran": 0, "ok": 0, "failed": 0, "killed": 0}
+        self.counts = {"ran": 0, "ok": 0, "failed": 0, "killed": 0, "workers_started": 0}
 
     def pending(self, skip_started: bool = True) -> list[Cell]:
         a = self.args
@@ -344,45 +336,47 @@ class GridRun:
         return [c for c in cells if not (skip_started and c.name in self.started)
                 and not is_done(load_result(self.grid_dir, c.name), a.retry_errors)]
 
-    def _release(self, r: Running) -> None:
-        r.log_file.close()
-        self.running.remove(r)
-        self.free_slots.append(r.slot)
+    def _drop_worker(self, slot: int, kill: bool) -> None:
+        worker = self.workers.pop(slot)
+        worker.kill() if kill else worker.stop()
 
     def reap(self) -> None:
-        for r in list(self.running):
-            rc = r.proc.poll()
-            if rc is None:
+        for slot, r in list(self.running.items()):
+            worker = self.workers[slot]
+            outcome = worker.poll()
+            if outcome is None:
                 if self.deadline and time.perf_counter() > self.deadline:
-                    self.log(f"deadline: killing {r.cell.name} after {time.perf_counter() - r.started:.0f} s (it reruns next time)")
-                    kill(r.proc)
-                    self._release(r)
+                    self.log(f"deadline: killing {r.cell.name} after {time.perf_counter() - worker.busy_since:.0f} s "
+                             "(it reruns next time)")
+                    del self.running[slot]
+                    self._drop_worker(slot, kill=True)
                     self.counts["killed"] += 1
                 continue
-            self._release(r)
-            wall = time.perf_counter() - r.started
+            del self.running[slot]
+            if outcome["retire"]:
+                self._drop_worker(slot, kill=False)
             out_dir = cell_dir(self.grid_dir, r.cell.name)
-            result = summarize_cell(r.cell, self.arm_by_name[r.cell.arm], self.proto, rc, wall, r.command, self.args.jobs, out_dir)
+            result = summarize_cell(r.cell, self.arm_by_name[r.cell.arm], self.proto, r.values, outcome, self.args.jobs, out_dir)
             qlib.write_json(out_dir / "result.json", result)
             self.counts["ran"] += 1
             self.counts["ok" if result["status"] == "ok" else "failed"] += 1
             loss = result.get("final_eval_loss")
-            self.log(f"done {r.cell.name}: {result['status']}, {result['eval_split']} loss "
-                     f"{loss if loss is None else round(loss, 4)}, {wall:.0f} s")
+            self.log(f"done {r.cell.name}: {result['status']}, {result['eval_split']} loss {loss if loss is None else round(loss, 4)}, "
+                     f"{result['wall_s']:.0f} s" + (f" ({result['error'][:300]})" if result["error"] else ""))
 
     def start(self, cell: Cell, estimate: float) -> None:
-        slot = self.free_slots.pop(0)
+        slot = min(s for s in range(self.args.jobs) if s not in self.running)
+        if slot in self.workers and not self.workers[slot].proc.is_alive():  # ended while idle (killed from outside)
+            self._drop_worker(slot, kill=True)
+        if slot not in self.workers:
+            self.workers[slot] = Worker(slot, cell_env(slot, self.args.jobs, self.args.gpus))
+            self.counts["workers_started"] += 1
         out_dir = cell_dir(self.grid_dir, cell.name)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "result.json").unlink(missing_ok=True)  # an error being retried
-        command = train_command(cell, self.arm_by_name[cell.arm], self.proto, self.args.root, self.grid_dir)
-        log_file = open(out_dir / "train.log", "w")  # noqa: SIM115 (closed when the cell is reaped)
-        # Its own process group (so a kill reaches its children) but our session: if this process is ended,
-        # so are the cells, and no orphan keeps training into a directory that a rerun reuses.
-        group = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
-        proc = subprocess.Popen(command, cwd=qlib.REPO, env=cell_env(slot, self.args.jobs, self.args.gpus), stdout=log_file,
-                                stderr=subprocess.STDOUT, **group)
-        self.running.append(Running(cell, proc, time.perf_counter(), command, slot, log_file))
+        values = cell_values(cell, self.arm_by_name[cell.arm], self.proto, self.args.root, self.grid_dir)
+        self.workers[slot].submit(values, out_dir)
+        self.running[slot] = Running(cell, values)
         self.started.add(cell.name)
         self.log(f"start {cell.name} (slot {slot}; {len(self.running)} running; estimate {estimate:.0f} s/cell)")
 
@@ -390,7 +384,7 @@ class GridRun:
         todo = self.pending()
         if self.args.max_cells:
             todo = todo[:max(0, self.args.max_cells - self.counts["ran"] - len(self.running))]
-        while todo and self.free_slots:
+        while todo and len(self.running) < self.args.jobs:
             estimate = cell_estimate(self.grid_dir, self.args.cell_estimate_s)
             if self.deadline and time.perf_counter() + estimate > self.deadline:
                 return
@@ -407,17 +401,22 @@ class GridRun:
                 self.start_more()
                 if not self.running:
                     break
-                time.sleep(0.5)
+                multiprocessing.connection.wait([s for slot in self.running for s in self.workers[slot].sentinels()], timeout=0.5)
         finally:
-            for r in list(self.running):  # interrupted: end the cells we started; they rerun next time
+            for slot, r in list(self.running.items()):  # interrupted: end the cells we started; they rerun next time
                 self.log(f"stopping {r.cell.name}")
-                kill(r.proc)
-                self._release(r)
+                del self.running[slot]
+                self._drop_worker(slot, kill=True)
+            idle = [self.workers.pop(slot) for slot in list(self.workers)]  # each shuts its process group down
+            for worker in idle:
+                worker.request_stop()
+            for worker in idle:
+                worker.stop()
         left = self.pending(skip_started=False)  # cells killed at the deadline count as left
         c = self.counts
         c.update(pending=len(left), seconds=round(time.perf_counter() - self.t0, 1))
         self.log(f"grid: ran {c['ran']} cells ({c['ok']} ok, {c['failed']} failed, {c['killed']} killed at the deadline) "
-                 f"in {c['seconds']:.0f} s; {len(left)} runnable cells left")
+                 f"in {c['seconds']:.0f} s with {c['workers_started']} worker process(es); {len(left)} runnable cells left")
         return c
 
 
@@ -450,8 +449,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--phase", default="all", choices=("all", "lr", "final"), help="run only this phase's cells")
     p.add_argument("--only", default=None, help="comma-separated glob patterns of cell names to run")
     p.add_argument("--max_cells", type=int, default=0, help="run at most this many cells (0: all)")
-    p.add_argument("--jobs", type=int, default=1, help="cells run at once (on one GPU: they share it)")
-    p.add_argument("--gpus", default=None, help="comma-separated GPU ids, assigned to job slots round-robin")
+    p.add_argument("--jobs", type=int, default=1, help="worker processes, each training cells one by one (on one GPU: they share it)")
+    p.add_argument("--gpus", default=None, help="comma-separated GPU ids, assigned to the workers round-robin")
     p.add_argument("--deadline_s", type=float, default=0, help="start no cell that would end after this many seconds; kill at it")
     p.add_argument("--cell_estimate_s", type=float, default=90, help="a cell's length before any cell has finished")
     p.add_argument("--retry_errors", action="store_true", help="rerun cells whose result is an error")
@@ -505,7 +504,7 @@ def main(argv=None) -> dict:
             log(f"{len(cells)} cells runnable now, {n_final_unknown} more once their arm's lr search is done; at {est:.0f} s per cell "
                 f"and {args.jobs} at once: about {qlib.fmt_duration(total * est / args.jobs)}")
             for c in cells:
-                log(f"  {c.name}: {shlex.join(train_command(c, next(a for a in arms if a.name == c.arm), proto, args.root, grid_dir))}")
+                log(f"  {c.name}: {train_command(cell_values(c, next(a for a in arms if a.name == c.arm), proto, args.root, grid_dir))}")
         return {"arms": arms}
     qlib.write_json(grid_dir / "grid.json", meta)
     counts = GridRun(args, arms, proto, log).run()

@@ -2,8 +2,8 @@
 
 Run after prepare.py, on the same root (reads corpus/task.jsonl only: modules the base never saw):
 
-    python launch/quality/make_task.py --root runs/quality                  # ~20 s
-    python launch/quality/make_task.py --root runs/quality-smoke --min_doc_chars 10
+    python -m experiments.quality.make_task --root runs/quality                  # ~20 s
+    python -m experiments.quality.make_task --root runs/quality-smoke --min_doc_chars 10
 
 Every function and method of the held-out modules that has a docstring (not functions nested in functions:
 their docstrings would sit in their parent's input) becomes one alpaca row:
@@ -30,16 +30,14 @@ from __future__ import annotations
 import argparse
 import ast
 import statistics
-import sys
 import textwrap
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import qlib
+from experiments.quality import qlib
+from msplora_dist.utils.fileio import sha256_file
 
 qlib.offline_env()
-qlib.add_repo_to_path()
 
 SPLITS = ("train", "dev", "test")
 DEFAULT_SALT = "msplora-quality-task-v1"
@@ -216,7 +214,7 @@ def main(argv=None) -> dict:
     corpus_sha = qlib.read_json(args.root / "corpus" / "manifest.json")["corpus_sha256"]
     manifest = {"instruction": qlib.TASK_INSTRUCTION, "corpus_sha256": corpus_sha,
                 "args": {k: str(v) for k, v in vars(args).items()},
-                "sha256": {s: qlib.sha256_file(out / f"{s}.jsonl") for s in SPLITS},
+                "sha256": {s: sha256_file(out / f"{s}.jsonl") for s in SPLITS},
                 **stats, "seconds": round(time.perf_counter() - t0, 2)}
     qlib.write_json(out / "manifest.json", manifest)
     print(f"task from {stats['files']} held-out files: {stats['functions_with_docstring']} functions with a docstring; "

@@ -2,8 +2,8 @@
 
 Run on the machine that trains (its Python's standard library is the corpus; the manifest records which):
 
-    python launch/quality/prepare.py --root runs/quality                    # ~20 s on 2 cores
-    python launch/quality/prepare.py --root runs/quality-smoke --max_units 10 --max_unit_kb 120 --vocab_size 1024
+    python -m experiments.quality.prepare --root runs/quality                    # ~20 s on 2 cores
+    python -m experiments.quality.prepare --root runs/quality-smoke --max_units 10 --max_unit_kb 120 --vocab_size 1024
 
 What it does, deterministically (same files + same flags -> same bytes; SentencePiece runs on one thread):
 
@@ -18,7 +18,8 @@ What it does, deterministically (same files + same flags -> same bytes; Sentence
    The base model never sees the task units: they go to corpus/task.jsonl, which only make_task.py reads.
 4. Trains a SentencePiece BPE tokenizer (byte fallback, no normalisation, like the LLaMA tokenizers) on the
    lines of the pretraining files only, and writes it as a Hugging Face tokenizer directory that loads
-   offline with AutoTokenizer (the same construction as launch/make_default_assets.py), after checking
+   offline with AutoTokenizer (tools/sentencepiece_bpe.py: the trainer and construction of the shipped default
+   tokenizer, with a larger vocabulary and longer lines), after checking
    that it encodes sample files exactly like the SentencePiece model and decodes them back.
 
 Outputs under --root: corpus/{pretrain,pretrain_val,task}.jsonl ({"path", "unit", "text"} per file),
@@ -28,8 +29,8 @@ counts, the split's salt) and tokenizer/.
 A standard library can also travel as an archive, so the corpus is the same on every machine whatever its
 Python (a Debian/Ubuntu Python, for one, ships its test suite, tkinter and lib2to3 as separate packages):
 
-    python launch/quality/prepare.py --write_archive .quality/stdlib.tgz     # this Python's .py files, ~6.5 MB
-    python launch/quality/prepare.py --root runs/quality --stdlib .quality/stdlib.tgz
+    python -m experiments.quality.prepare --write_archive .quality/stdlib.tgz     # this Python's .py files, ~6.5 MB
+    python -m experiments.quality.prepare --root runs/quality --stdlib .quality/stdlib.tgz
 
 The archive is deterministic (sorted, zero timestamps and owners) and holds STDLIB_VERSION.json (the Python
 that it came from), which the manifest then records as stdlib_python.
@@ -52,11 +53,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import qlib
+from experiments.quality import qlib
+from msplora_dist.utils.fileio import sha256_file
 
 qlib.offline_env()
-qlib.add_repo_to_path()
 
 EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
 CATCH_ALL_UNIT = "test"
@@ -176,7 +176,7 @@ def write_archive(root: Path, out: Path) -> dict:
         for rel in rels:
             data = (root / rel).read_bytes()
             tar.addfile(info(rel, len(data)), io.BytesIO(data))
-    return {**meta, "files": len(rels), "archive": str(out), "bytes": out.stat().st_size, "sha256": qlib.sha256_file(out)}
+    return {**meta, "files": len(rels), "archive": str(out), "bytes": out.stat().st_size, "sha256": sha256_file(out)}
 
 
 def open_stdlib(arg: Path | None, scratch: Path) -> tuple[Path, dict]:
@@ -189,7 +189,7 @@ def open_stdlib(arg: Path | None, scratch: Path) -> tuple[Path, dict]:
     with tarfile.open(arg, "r:*") as tar:
         tar.extractall(scratch, filter="data")
     meta = json.loads((scratch / ARCHIVE_META).read_text()) if (scratch / ARCHIVE_META).exists() else {}
-    return scratch, {"stdlib_python": meta.get("python"), "stdlib_source": f"archive {arg} (sha256 {qlib.sha256_file(arg)})",
+    return scratch, {"stdlib_python": meta.get("python"), "stdlib_source": f"archive {arg} (sha256 {sha256_file(arg)})",
                      "stdlib_archive_meta": meta}
 
 
@@ -272,26 +272,12 @@ def tokenizer_lines(texts) -> list[str]:
     return [line for text in texts for line in text.split("\n") if line.strip()]
 
 
-def train_sentencepiece(lines: list[str], vocab_size: int, seed: int) -> bytes:
-    """A BPE model with byte fallback and no normalisation (decode(encode(x)) == x). Settings follow
-    launch/make_default_assets.py; one thread, because SentencePiece's result depends on the thread count."""
-    import sentencepiece as spm
-    from sentencepiece import sentencepiece_model_pb2 as sp_model_pb2
+def train_tokenizer(lines: list[str], vocab_size: int, seed: int) -> bytes:
+    """tools.sentencepiece_bpe's trainer with this corpus's options: the vocabulary may end below vocab_size
+    on a small (smoke) corpus, source lines up to 16 K bytes are trained on, and every line is read."""
+    from tools.sentencepiece_bpe import train_sentencepiece
 
-    spm.set_random_generator_seed(seed)
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=model, model_type="bpe", vocab_size=vocab_size,
-        hard_vocab_limit=False, character_coverage=1.0, byte_fallback=True, split_digits=True,
-        normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False,
-        allow_whitespace_only_pieces=True, max_sentence_length=16384,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=3, unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>", pad_piece="<pad>",
-        num_threads=1, shuffle_input_sentence=False, input_sentence_size=0, minloglevel=2,
-    )
-    proto = sp_model_pb2.ModelProto()
-    proto.ParseFromString(model.getvalue())
-    proto.normalizer_spec.add_dummy_prefix = True  # encode like the LLaMA tokenizers: a prefix space at the start
-    return proto.SerializeToString()
+    return train_sentencepiece(lines, vocab_size, seed, hard_vocab_limit=False, max_sentence_length=16384, input_sentence_size=0)
 
 
 def check_samples(records: dict[str, list[dict]], n: int = 40, max_chars: int = 20000) -> list[str]:
@@ -309,8 +295,9 @@ def check_samples(records: dict[str, list[dict]], n: int = 40, max_chars: int = 
 def write_hf_tokenizer(spm_bytes: bytes, out_dir: Path, samples: list[str], model_max_length: int = 1024) -> dict:
     """The SentencePiece model as a transformers LlamaTokenizer directory; checked, then moved into place."""
     import sentencepiece as spm
-    from make_default_assets import build_tokenizer, check_tokenizer
     from transformers import AutoTokenizer
+
+    from tools.sentencepiece_bpe import build_tokenizer, check_tokenizer
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir.parent) as tmp:
@@ -378,7 +365,7 @@ def main(argv=None) -> dict:
         raise SystemExit(f"error: the split left {len(records['pretrain'])} pretraining and {len(records['task'])} task files; "
                          "expected both non-empty (more units, or another --held_out)")
     t_read = time.perf_counter() - t0
-    spm_bytes = train_sentencepiece(tokenizer_lines(r["text"] for r in records["pretrain"]), args.vocab_size, args.seed)
+    spm_bytes = train_tokenizer(tokenizer_lines(r["text"] for r in records["pretrain"]), args.vocab_size, args.seed)
     tok_info = write_hf_tokenizer(spm_bytes, args.root / "tokenizer", check_samples(records))
     manifest["tokenizer"] = {**tok_info, "requested_vocab_size": args.vocab_size, "seed": args.seed, "trained_on": "pretrain",
                              "model_type": "bpe", "byte_fallback": True}

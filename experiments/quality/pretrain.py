@@ -2,9 +2,9 @@
 
 Run after prepare.py, on the same root (reads corpus/pretrain.jsonl, corpus/pretrain_val.jsonl, tokenizer/):
 
-    python launch/quality/pretrain.py --root runs/quality --tokens 100M          # one H200: ~1-3 min (docs/quality.md)
-    python launch/quality/pretrain.py --root runs/quality --time_budget_s 300    # as many tokens as fit in 300 s
-    python launch/quality/pretrain.py --root runs/quality-smoke --preset smoke --tokens 300K --batch_size 8 --seq_len 128
+    python -m experiments.quality.pretrain --root runs/quality --tokens 100M          # one H200: ~1-3 min (docs/quality.md)
+    python -m experiments.quality.pretrain --root runs/quality --time_budget_s 300    # as many tokens as fit in 300 s
+    python -m experiments.quality.pretrain --root runs/quality-smoke --preset smoke --tokens 300K --batch_size 8 --seq_len 128
 
 Plain PyTorch around transformers' LlamaForCausalLM (so the result is an ordinary HF model directory): files
 are tokenized as <s> text </s>, concatenated in path order and cut into non-overlapping rows of seq_len + 1
@@ -31,13 +31,11 @@ import argparse
 import math
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import qlib
+from experiments.quality import qlib
 
 qlib.offline_env()
 
@@ -45,7 +43,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from msplora_dist.train.schedule import warmup_cosine  # noqa: E402
+
 CALIBRATE = (20, 60)  # steps over which --time_budget_s measures the step time
+MIN_LR_RATIO = 0.1  # the cosine ends at 10% of the peak
 
 
 # --- model and data -----------------------------------------------------------------------------------------
@@ -94,13 +95,6 @@ class RowSampler:
             self._perm = torch.randperm(self.num_rows, generator=torch.Generator().manual_seed(self.seed * 1000003 + epoch))
             self._epoch = epoch
         return self._perm[k * self.batch_size:(k + 1) * self.batch_size]
-
-
-def lr_at(step: int, total: int, warmup: int, peak: float, min_ratio: float = 0.1) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def flops_per_token(config, seq_len: int) -> float:
@@ -183,7 +177,7 @@ def train(model, train_rows: torch.Tensor, val_rows: torch.Tensor, args, device,
     model.train()
     while step < total:
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, total, warmup, args.lr)
+            group["lr"] = args.lr * warmup_cosine(step, total, warmup, MIN_LR_RATIO)
         rows = train_rows[sampler.batch(step)]
         try:
             loss = train_step(step_fn, opt, rows, device, autocast)

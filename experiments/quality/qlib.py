@@ -1,4 +1,5 @@
-"""Helpers shared by the quality-test scripts in launch/quality/ (not an entry point).
+"""Helpers shared by the quality-study scripts in experiments/quality/ (not an entry point). The file-safety
+helpers (atomic writes, sha256 of a file) are msplora_dist.utils.fileio's; these only add JSON on top.
 
 The layout of one experiment root (default runs/quality, git-ignored):
 
@@ -18,8 +19,9 @@ import json
 import os
 import platform
 import sys
-import tempfile
 from pathlib import Path
+
+from msplora_dist.utils.fileio import write_file_atomically
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_ROOT = REPO / "runs" / "quality"
@@ -38,19 +40,11 @@ MODEL_PRESETS = {
     "smoke": dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128),
 }
 
-H200_BF16_FLOPS = 790e12  # dense bf16 matrix rate measured on this workplace's H200 (see .library/device/KINDS.md)
+H200_BF16_FLOPS = 790e12  # dense bf16 matrix rate measured on this workplace's H200
 
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def stable_fraction(key: str, salt: str) -> float:
@@ -59,22 +53,15 @@ def stable_fraction(key: str, salt: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Atomically, as UTF-8 (the corpus is source text), creating the parent directories."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_file_atomically(path, text, encoding="utf-8")
 
 
 def write_json(path: str | os.PathLike, obj) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=False, default=str) + "\n")
+    write_text(path, json.dumps(obj, indent=1, sort_keys=False, default=str) + "\n")
 
 
 def read_json(path: str | os.PathLike):
@@ -83,7 +70,7 @@ def read_json(path: str | os.PathLike):
 
 def write_jsonl(path: str | os.PathLike, rows) -> int:
     lines = [json.dumps(r, ensure_ascii=False) for r in rows]
-    write_text_atomic(path, "".join(line + "\n" for line in lines))
+    write_text(path, "".join(line + "\n" for line in lines))
     return len(lines)
 
 
@@ -129,13 +116,6 @@ def offline_env() -> None:
     for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
         os.environ.setdefault(key, "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
-
-
-def add_repo_to_path() -> None:
-    """Import msplora_dist and launch/ scripts from a checkout without installing."""
-    for p in (str(REPO), str(REPO / "launch")):
-        if p not in sys.path:
-            sys.path.insert(0, p)
 
 
 def fmt_duration(seconds: float) -> str:

@@ -2,8 +2,8 @@
 
 Run on any machine once the grid's results are here (CPU; the --compare analysis takes seconds):
 
-    python launch/quality/report.py --root runs/quality --out docs/quality.md
-    python launch/quality/report.py --root runs/quality-smoke --out runs/quality-smoke/quality.md --img_dir runs/quality-smoke
+    python -m experiments.quality.report --root runs/quality --out docs/quality.md
+    python -m experiments.quality.report --root runs/quality-smoke --out runs/quality-smoke/quality.md --img_dir runs/quality-smoke
 
 The document's prose is hand-written; this script only rewrites the blocks between
 `<!-- BEGIN generated:NAME -->` and `<!-- END generated:NAME -->` (status, setup, arms, results), so edits
@@ -34,12 +34,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import qlib
-
-qlib.add_repo_to_path()
-
-import grid as gridlib  # noqa: E402
+from experiments.quality import grid as gridlib
+from experiments.quality import qlib
 
 # (MSPLoRA arm, LoRA arm, what the comparison asks)
 COMPARISONS = (
@@ -313,8 +309,9 @@ def render_results(root: Path, stats: dict, results: list[dict], grid_meta: dict
                   f"{statistics.median(s['tokens_per_s']):,.0f}" if s["tokens_per_s"] else "–", ", ".join(map(str, s["steps"])) or "–"]
                  for n, s in stats.items()]
     total = sum(r["wall_s"] for r in results)
-    lines.append(f"\n**Cost** (cells ran {results[0].get('concurrent_jobs', 1)} at a time on one device; wall time includes each "
-                 f"trainer's start-up; {total / 60:.1f} cell-minutes in all):\n")
+    lines.append(f"\n**Cost** (cells ran {results[0].get('concurrent_jobs', 1)} at a time on one device; wall time is a cell's own, "
+                 "model loading and engine set-up included (a worker process's first cell also pays the imports and the "
+                 f"process group); {total / 60:.1f} cell-minutes in all):\n")
     lines.append(table(["arm", "median wall s per cell", "median tokens/s (trainer)", "steps"], cost_rows))
     if analysis:
         lines.append(render_analysis(analysis, analysis_seed))
@@ -323,7 +320,8 @@ def render_results(root: Path, stats: dict, results: list[dict], grid_meta: dict
             if img.exists():
                 lines.append(f"\n![{title}]({Path(os.path.relpath(img, out_md.parent)).as_posix()})")
     example = next((r for r in results if r["phase"] == "final"), results[0])
-    lines.append(f"\nEvery result.json holds its exact trainer command; for example `{example['name']}`:\n\n```bash\n"
+    lines.append(f"\nEvery result.json holds its TrainConfig and the trainer command that trains the cell alone; for example "
+                 f"`{example['name']}`:\n\n```bash\n"
                  f"{example['command']}\n```")
     return "\n".join(lines)
 
@@ -398,7 +396,7 @@ def main(argv=None) -> Path:
     text = replace_block(text, "arms", render_arms(arms))
     body = render_results(args.root, stats, results, grid_meta, args.img_dir, args.out, analysis, seed, plot)
     text = replace_block(text, "results", body)
-    qlib.write_text_atomic(args.out, text)
+    qlib.write_text(args.out, text)
     print(f"wrote {args.out} ({len(results)} cell results" + (f", plot {plot}" if plot else "") + (", analysis" if analysis else "") + ")")
     return args.out
 

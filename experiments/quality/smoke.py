@@ -1,10 +1,11 @@
-"""CPU smoke test of the whole quality pipeline, end to end, on a tiny slice of everything (~1-2 min, 2 cores).
+"""CPU smoke test of the whole quality pipeline, end to end, on a tiny slice of everything (~2-3 min, 2 cores).
 
-    python launch/quality/smoke.py                       # writes runs/quality-smoke/ (replaced)
+    python -m experiments.quality.smoke          # from the repository root; writes runs/quality-smoke/ (replaced)
 
 The same scripts and code paths as the real test, shrunk: 10 pretraining + 10 task units of at most 120 KB,
-a 1024-token vocabulary, the 0.2 M-parameter "smoke" model pretrained on 150 K tokens, two grid cells
-(lora_qv_r64 and msp_qv_paper, one learning rate, seed 1, 4 steps), the base and grid bundles packed and
+a 1024-token vocabulary, the 0.2 M-parameter "smoke" model pretrained on 150 K tokens, six grid cells of 4
+steps (lora_qv_r64 and msp_qv_paper: the learning-rate search over 1e-3 and 3e-3 on seed 0, then seed 1 at
+the chosen rate) in two worker processes, three cells each, the base and grid bundles packed and
 unpacked again (what travels to and from the GPU machine), and report.py writing
 runs/quality-smoke/quality.md from docs/quality.md with the plot and the --compare analysis. Numbers from it
 mean nothing about MSPLoRA; it only shows that every stage runs and hands the next what it needs.
@@ -22,15 +23,12 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import qlib
-
-HERE = Path(__file__).resolve().parent
+from experiments.quality import qlib
 
 
 def stages(root: Path, threads: int) -> list[tuple[str, list[str]]]:
     r = ["--root", str(root)]
-    cells = ["--arms", "lora_qv_r64,msp_qv_paper", "--lrs", "1e-3", "--seeds", "1"]
+    cells = ["--arms", "lora_qv_r64,msp_qv_paper", "--lrs", "1e-3,3e-3", "--seeds", "1"]
     steps = [
         ("prepare", "prepare.py", [*r, "--max_units", "10", "--max_unit_kb", "120", "--vocab_size", "1024"]),
         ("make_task", "make_task.py", [*r, "--min_doc_chars", "10"]),
@@ -43,7 +41,7 @@ def stages(root: Path, threads: int) -> list[tuple[str, list[str]]]:
         ("unpack", "bundle.py", ["unpack", "--src", str(root / "out"), "--root", str(root / "unpacked")]),
         ("report", "report.py", ["--root", str(root / "unpacked"), "--out", str(root / "quality.md"), "--img_dir", str(root / "img")]),
     ]
-    return [(name, [sys.executable, str(HERE / script), *flags]) for name, script, flags in steps]
+    return [(name, [sys.executable, "-m", f"experiments.quality.{script.removesuffix('.py')}", *flags]) for name, script, flags in steps]
 
 
 def main(argv=None) -> dict:

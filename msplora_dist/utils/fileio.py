@@ -61,12 +61,13 @@ def write_dir_atomically(target: str | os.PathLike, write) -> Path:
     return target
 
 
-def write_file_atomically(path: str | os.PathLike, text: str) -> Path:
-    """Write `text` to a temporary sibling, fsync, rename: readers see the old file or the new one."""
+def write_file_atomically(path: str | os.PathLike, text: str, encoding: str | None = None) -> Path:
+    """Write `text` to a temporary sibling, fsync, rename: readers see the old file or the new one.
+    `encoding` as open() takes it (None: the locale's)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "w") as fh:
+        with open(tmp, "w", encoding=encoding) as fh:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())

@@ -1,7 +1,7 @@
-"""The cheap parts of the quality test (launch/quality/, docs/quality.md), no training: the corpus split and
+"""The cheap parts of the quality test (experiments/quality/, docs/quality.md), no training: the corpus split and
 tokenizer on a few standard-library modules, the docstring task, parameter matching of the grid's arms, the
-grid's learning-rate protocol, the report's statistics and the bundles. The end-to-end run with training is
-`python launch/quality/smoke.py` (about a minute)."""
+grid's learning-rate protocol and cell configurations, a failing cell in a worker, the report's statistics
+and the bundles. The end-to-end run with training is `python -m experiments.quality.smoke` (a few minutes)."""
 
 from __future__ import annotations
 
@@ -9,23 +9,21 @@ import ast
 import json
 import math
 import random
+import shlex
+import shutil
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from experiments.quality import bundle, grid, make_task, prepare, qlib, report, worker
+from msplora_dist import MSPLoRAConfig, count_params
+from msplora_dist.train.backbone import projection_features
+from msplora_dist.train.config import TrainConfig, parse_config
+from msplora_dist.utils.fileio import sha256_file
+
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "launch" / "quality"))
-
-import bundle  # noqa: E402
-import grid  # noqa: E402
-import make_task  # noqa: E402
-import prepare  # noqa: E402
-import qlib  # noqa: E402
-import report  # noqa: E402
-
-from msplora_dist import MSPLoRAConfig, count_params  # noqa: E402
-from msplora_dist.train.backbone import projection_features  # noqa: E402
 
 # --- corpus --------------------------------------------------------------------------------------------
 
@@ -103,7 +101,7 @@ def test_prepare_splits_modules_and_writes_a_loadable_tokenizer(small_root):
     assert not any(r["unit"] in task_units for r in records["pretrain"] + records["pretrain_val"])  # base never sees them
     root = Path(manifest["stdlib_dir"])
     for f in manifest["files"][:5]:
-        assert qlib.sha256_file(root / f["path"]) == f["sha256"]
+        assert sha256_file(root / f["path"]) == f["sha256"]
     assert [f["path"] for f in manifest["files"]] == sorted(f["path"] for f in manifest["files"])
 
     from transformers import AutoTokenizer
@@ -122,7 +120,7 @@ def test_task_rows_are_docstring_free_code_and_splits_share_no_file(small_root):
     outputs = [r["output"] for s in make_task.SPLITS for r in rows[s]]
     assert len(outputs) == len(set(outputs))  # each docstring once: no eval answer is a train answer
     for s in make_task.SPLITS:
-        assert qlib.sha256_file(small_root / "task" / f"{s}.jsonl") == manifest["sha256"][s]
+        assert sha256_file(small_root / "task" / f"{s}.jsonl") == manifest["sha256"][s]
         for r in rows[s]:
             assert r["instruction"] == qlib.TASK_INSTRUCTION and r["output"].strip() == r["output"]
             fn = ast.parse(r["input"]).body[0]
@@ -223,6 +221,60 @@ def test_lr_search_then_final_cells(tmp_path):
     assert grid.planned_cells(tmp_path, arms, [1e-3], seeds, 0)[0].name == "a__final__lr0.001__s1"  # one lr: no search
     assert grid.is_done(qlib.read_json(grid.cell_dir(tmp_path, "a__lr__lr0.01__s0") / "result.json"), retry_errors=True)
     assert not grid.is_done({"status": "error"}, retry_errors=True) and grid.is_done({"status": "error"}, retry_errors=False)
+
+
+def test_a_cells_config_is_the_command_it_records(tmp_path):
+    arm = grid.Arm("msp", (4, 2, 1), grid.QV, 60)
+    values = grid.cell_values(grid.Cell("msp", "final", 3e-4, 2), arm, grid.Protocol(), tmp_path, tmp_path / "grid")
+    argv = shlex.split(grid.train_command(values))
+    assert argv[:2] == ["python", "launch/train.py"]
+    cfg = TrainConfig(**values)
+    assert parse_config(argv[2:]) == cfg  # the recorded command trains exactly the cell
+    assert (cfg.ranks, cfg.target_modules, cfg.lr, cfg.seed, cfg.alphas) == ((4, 2, 1), grid.QV, 3e-4, 2, (16.0,) * 3)
+    assert cfg.eval_data == str(tmp_path / "task" / "test.jsonl")
+    assert cfg.output_dir == str(tmp_path / "grid" / "cells" / "msp__final__lr0.0003__s2")
+
+
+def test_a_worker_that_dies_fails_only_its_cell():
+    w = worker.Worker(0, grid.cell_env(0, 1, None))
+    w.proc.kill()
+    w.proc.join(30)
+    w.busy_since = time.perf_counter()  # as if it had been training a cell
+    outcome = w.poll()
+    assert outcome["status"] == "error" and outcome["retire"] and f"worker process {w.proc.pid} ended" in outcome["error"]
+    w.kill()
+
+
+def _tiny_root(root: Path) -> None:
+    """An experiment root on the shipped tiny model and a few of the shipped instruction rows."""
+    assets = REPO / "msplora_dist" / "assets"
+    shutil.copytree(assets / "tiny_llama", root / "base")
+    rows = qlib.read_jsonl(assets / "data" / "instructions.jsonl")
+    for split, part in (("train", rows[:16]), ("dev", rows[16:20]), ("test", rows[20:24])):
+        qlib.write_jsonl(root / "task" / f"{split}.jsonl", part)
+    qlib.write_json(root / "task" / "manifest.json", {"sha256": {}})
+
+
+@pytest.mark.slow
+def test_grid_trains_its_cells_in_one_worker_records_a_failed_one_and_resumes(tmp_path):
+    _tiny_root(tmp_path)
+    # lr -1 is refused by TrainConfig: that cell fails; the search picks 1e-3 and the final cell trains at it.
+    argv = ["--root", str(tmp_path), "--arms", "msp_qv_paper", "--lrs", "1e-3,-1", "--seeds", "1", "--steps", "2",
+            "--micro_batch_size", "4", "--eval_steps", "2", "--max_seq_len", "128", "--jobs", "1"]
+    counts = grid.main(argv)
+    assert (counts["ran"], counts["ok"], counts["failed"], counts["workers_started"], counts["pending"]) == (3, 2, 1, 1, 0)
+    results = {r["name"]: r for r in report.load_results(tmp_path / "grid")}
+    bad = results["msp_qv_paper__lr__lr-1__s0"]
+    assert bad["status"] == "error" and "lr=-1.0" in bad["error"] and bad["final_eval_loss"] is None
+    assert "lr=-1.0" in (tmp_path / "grid" / "cells" / bad["name"] / "train.log").read_text()  # the cell's own log
+    good = [results["msp_qv_paper__lr__lr0.001__s0"], results["msp_qv_paper__final__lr0.001__s1"]]
+    assert all(r["status"] == "ok" and math.isfinite(r["final_eval_loss"]) and r["steps"] == 2 for r in good)
+    assert good[1]["eval_split"] == "test" and good[1]["train_config"]["eval_data"].endswith("task/test.jsonl")
+    # One process trained every cell, one after another.
+    assert {r["worker"]["pid"] for r in results.values()} == {good[0]["worker"]["pid"]}
+    assert sorted(r["worker"]["cells_before"] for r in results.values()) == [0, 1, 2]
+    assert (tmp_path / "grid" / "cells" / good[1]["name"] / "adapter" / "msplora_config.json").exists()
+    assert grid.main(argv)["ran"] == 0  # finished cells (the failed one too) are skipped on a rerun
 
 
 # --- report and bundles ----------------------------------------------------------------------------------

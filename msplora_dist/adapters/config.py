@@ -1,6 +1,6 @@
 """MSPLoRAConfig: what the adapter hierarchy looks like, validated once, in one place.
 
-The three levels are always listed in the order (global, mid, layer); see ../shared/MSPLORA.md.
+The three levels are always listed in the order (global, mid, layer); see docs/method.md.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Export an MSPLoRA adapter for serving: as a plain PEFT LoRA (what vLLM, PEFT, TGI, llama.cpp's
 converter load) or merged into the base model's weights.
 
-Plain LoRA (see ../shared/MSPLORA.md, "Export to a plain LoRA"): per layer l and target t the three levels
+Plain LoRA (see docs/method.md, "Export to a plain LoRA"): per layer l and target t the three levels
 concatenate exactly into one LoRA of rank r = r_G + r_M + r_L (levels of rank 0 are absent):
 
     A = [A_G; A_M; A_L]                (r, in)

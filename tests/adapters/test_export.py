@@ -436,12 +436,9 @@ def _script(*args: str) -> subprocess.Popen:
 
 
 def _load_script_main():
-    import importlib.util
+    from msplora_dist.cli.export import main
 
-    spec = importlib.util.spec_from_file_location("msplora_export_script", EXPORT_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return main
 
 
 def _run_main(main, capfd, *args) -> tuple[int, str, str]:

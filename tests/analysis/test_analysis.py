@@ -461,11 +461,7 @@ def test_script_bad_input_exits_2_with_one_line(tmp_path):
 
 
 def test_script_main_in_process_errors(structured, tmp_path, capsys):
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        import analyze as script
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
+    from msplora_dist.cli import analyze as script
     (tmp_path / "plain").mkdir()
     (tmp_path / "plain" / "x.txt").write_text("x")
     cases = [["--adapter", str(tmp_path / "plain"), "--out", str(tmp_path / "o1")],

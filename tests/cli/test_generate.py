@@ -6,7 +6,6 @@ A tiny seeded Llama with a character-level tokenizer is saved into a tmp dir; it
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -88,10 +87,9 @@ def quiet_transformers():
 
 
 def _main():
-    spec = importlib.util.spec_from_file_location("msplora_generate_script", GENERATE_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from msplora_dist.cli import generate
+
+    return generate
 
 
 def _run(module, capfd, *args) -> tuple[int, str, str]:

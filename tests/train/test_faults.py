@@ -16,7 +16,8 @@ import psutil
 import pytest
 
 from msplora_dist.errors import CheckpointError
-from msplora_dist.train.state import _write_manifest, find_resume_dir, verify_checkpoint
+from msplora_dist.train.state import find_resume_dir, verify_checkpoint
+from msplora_dist.utils.fileio import write_manifest
 from tests.launch_utils import REPO, TRAIN, adapter_tensors, free_port, run_train, subprocess_env, summary
 
 pytestmark = pytest.mark.slow
@@ -97,7 +98,7 @@ def make_fake_checkpoint(root, step, files):
     for name, data in files.items():
         (path / name).parent.mkdir(parents=True, exist_ok=True)
         (path / name).write_bytes(data)
-    _write_manifest(path)
+    write_manifest(path)
     return path
 
 

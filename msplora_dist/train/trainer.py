@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from msplora_dist.adapters.inject import adapter_params, apply_msplora, param_report
 from msplora_dist.adapters.io import save_adapter
 from msplora_dist.dist import zero
+from msplora_dist.dist.ds_config import backbone_init_config
 from msplora_dist.dist.process import init_distributed
 from msplora_dist.train.backbone import load_backbone, set_eval_mode
 from msplora_dist.train.config import TrainConfig, save_config_yaml
@@ -61,6 +62,14 @@ def adapter_digest(model) -> str:
         digest.update(name.encode())
         digest.update(param.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def check_adapters_fp32(model) -> None:
+    """The adapters train, accumulate their gradients and are saved in fp32 whatever --dtype (ds_config.py)."""
+    wrong = [(name, p.dtype) for name, p in adapter_params(model).items() if p.dtype != torch.float32]
+    if wrong:
+        raise RuntimeError(f"{len(wrong)} adapter tensor(s) are not fp32 after deepspeed.initialize (first: {wrong[0][0]}, "
+                           f"{wrong[0][1]}); the adapters must train in fp32")
 
 
 def injected_nan_steps() -> set[int]:
@@ -130,7 +139,8 @@ class Trainer:
         import deepspeed
 
         cfg, plan = self.cfg, self.plan
-        model = load_backbone(cfg.model, dtype=plan.dtype, load_in_4bit=cfg.load_in_4bit, ds_config=plan.ds_config,
+        model = load_backbone(cfg.model, dtype=plan.dtype, load_in_4bit=cfg.load_in_4bit,
+                              ds_config=backbone_init_config(plan.ds_config, plan.dtype),
                               gradient_checkpointing=cfg.gradient_checkpointing, attn_implementation=cfg.attn_implementation)
         torch.manual_seed(cfg.seed)  # the same adapter init on every rank
         model = apply_msplora(model, plan.adapter_config)
@@ -142,7 +152,9 @@ class Trainer:
             model=model, model_parameters=list(adapter_params(model).values()), config=plan.ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
         )
-        zero.check_adapters_replicated(engine.module)
+        zero.persist_adapters(engine.module)
+        zero.check_adapters_replicated(engine.module, plan.ds_config)
+        check_adapters_fp32(engine.module)
         return engine, scheduler
 
     def _resume(self) -> None:

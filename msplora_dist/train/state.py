@@ -125,13 +125,17 @@ def check_resume_compatible(directory: Path, adapter_config, hf_config: dict, ru
 
 # Settings that decide which tokens each step sees: a resume that changed one would silently be another run.
 DATA_ORDER_SETTINGS = ("seed", "max_seq_len", "packing", "train_on_prompt", "eval_fraction")
+# DeepSpeed's ZeRO-1/2 optimizer restores its gradient clipping from the checkpoint (stage_1_and_2.py
+# load_state_dict): a new value would silently not apply, so it is refused. lr, warmup_ratio, min_lr_ratio and
+# weight_decay are honoured (trainer.HONOURED_ON_RESUME).
+REFUSED_ON_RESUME = ("max_grad_norm",)
 
 
 def check_resume_data(directory: Path, config: dict, num_train_examples: int) -> None:
     """Refuse a resume whose data settings or training examples differ from the checkpoint's."""
     state = json.loads((directory / "trainer_state.json").read_text())
     saved = state.get("config", {})
-    for key in DATA_ORDER_SETTINGS:
+    for key in (*DATA_ORDER_SETTINGS, *REFUSED_ON_RESUME):
         if key in saved and saved[key] != config[key]:
             raise CheckpointError(f"--resume {str(directory)!r} was trained with {key}={saved[key]!r}; this run has "
                                   f"{key}={config[key]!r}. Resume with the same value, or start a new run (--overwrite true)")

@@ -44,6 +44,10 @@ from msplora_dist.train.state import checkpoint_root, load_checkpoint, save_chec
 from msplora_dist.utils.fileio import write_file_atomically
 from msplora_dist.utils.log import log
 
+HONOURED_ON_RESUME = ("lr", "warmup_ratio", "min_lr_ratio", "weight_decay")
+"""Optimisation flags a resume may change: the new values apply from the next step (state.REFUSED_ON_RESUME: those
+it may not)."""
+
 
 class TrainingStopped(RuntimeError):
     """The run stopped itself (repeated non-finite steps); the message says where the last good state is."""
@@ -159,15 +163,37 @@ class Trainer:
 
     def _resume(self) -> None:
         plan = self.plan
+        # This run's optimizer settings (lr, weight_decay, betas, eps from the flags and the ds_config), before the
+        # checkpoint's param_groups overwrite them: the checkpoint supplies state (moments, step), not settings.
+        settings = [{k: v for k, v in group.items() if k != "params"} for group in self.scheduler.optimizer.param_groups]
         state = load_checkpoint(self.engine, plan.resume_dir, checkpoint_root(self.output_dir))
         self.step_count, self.history = state["step"], state["history"]
+        self._apply_settings(settings)
         log(f"resumed from {plan.resume_dir} at step {self.step_count}")
+        saved = state.get("config", {})
+        changed = [f"{k} {saved[k]:g} -> {getattr(self.cfg, k):g}" for k in HONOURED_ON_RESUME
+                   if k in saved and saved[k] != getattr(self.cfg, k)]
+        if changed:
+            log(f"resume: this run's {', '.join(changed)} apply from step {self.step_count + 1} on (the schedule keeps its "
+                "position; the checkpoint's values are not used)")
         if state.get("total_steps") not in (None, plan.total_steps):
             log(f"note: the checkpoint's run had {state['total_steps']} steps, this one has {plan.total_steps}: the warmup + cosine "
                 "schedule is recomputed for the new length, so the learning rate jumps at the resume")
         if self.step_count >= plan.total_steps:
             log(f"note: the checkpoint is at step {self.step_count} of {plan.total_steps}: nothing is left to train; the final "
                 "adapter is written again. Raise --max_steps or --epochs to train further")
+
+    def _apply_settings(self, settings: list[dict]) -> None:
+        """Put this run's optimizer settings back after a checkpoint load, and its schedule (peak lr, warmup, min lr:
+        the lambda is this run's, never saved) at the checkpoint's position, through the scheduler's own state."""
+        groups, scheduler = self.scheduler.optimizer.param_groups, self.scheduler
+        base = [self.cfg.lr] * len(groups)
+        # One schedule step per training step, skipped ones included (step()): the position is the step count.
+        lrs = [b * scheduler.lr_lambdas[0](self.step_count) for b in base]
+        scheduler.load_state_dict(scheduler.state_dict() | {"base_lrs": base, "_last_lr": lrs, "last_epoch": self.step_count})
+        for group, mine, lr, b in zip(groups, settings, lrs, base, strict=True):
+            group.update(mine)
+            group.update(lr=lr, initial_lr=b)
 
     # ------------------------------------------------------------------------------------------ steps
 
@@ -230,6 +256,10 @@ class Trainer:
         if applied and not math.isfinite(loss):
             raise TrainingStopped(f"step {step}: the loss is {loss} but the optimizer applied the update; the adapters may "
                                   "be corrupt (this should not happen with ZeRO stage >= 1), stopping")
+        if not applied:
+            # DeepSpeed steps the schedule only with an applied update; the schedule counts steps, so that after skipped
+            # ones the cosine still ends at min lr on the last step.
+            self.scheduler.step()
         grad_norm = engine.get_global_grad_norm()
         record = {"step": step, "loss": loss, "lr": lr,
                   "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),

@@ -21,6 +21,7 @@ import math
 import os
 import resource
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -35,6 +36,8 @@ from msplora_dist.adapters.io import save_adapter
 from msplora_dist.dist import zero
 from msplora_dist.dist.ds_config import backbone_init_config
 from msplora_dist.dist.process import init_distributed
+from msplora_dist.dist.signals import LauncherWatch, StopRequest, stop_agreed
+from msplora_dist.errors import ConfigError, RunStopped, WriteFailed
 from msplora_dist.train.backbone import load_backbone, set_eval_mode
 from msplora_dist.train.config import TrainConfig, save_config_yaml
 from msplora_dist.train.data import IGNORE_INDEX, collate, eval_batches
@@ -49,8 +52,16 @@ HONOURED_ON_RESUME = ("lr", "warmup_ratio", "min_lr_ratio", "weight_decay")
 it may not)."""
 
 
-class TrainingStopped(RuntimeError):
+class TrainingStopped(RunStopped):
     """The run stopped itself (repeated non-finite steps); the message says where the last good state is."""
+
+
+class TrainingInterrupted(TrainingStopped):
+    """A stop signal (SIGTERM, SIGINT, the launcher's death) ended the run at a step boundary, after a checkpoint."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum  # the shell's convention for a process ended by that signal
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -99,12 +110,15 @@ class Trainer:
         self.nonfinite_in_a_row = 0
         self.startup_s = 0.0
         self._nan_steps = injected_nan_steps()
+        self.stop_request, self._watch = StopRequest(), None
 
     # ------------------------------------------------------------------------------------------ setup
 
     def setup(self) -> None:
         """Start the process group, build the engine, restore a checkpoint, and evaluate where training starts."""
         cfg, plan = self.cfg, self.plan
+        self.stop_request.install()  # from here on a signal stops the run at a step boundary, with a checkpoint
+        self._watch = LauncherWatch(self.stop_request).start()
         self.rank, self.world = init_distributed(self.on_gpu)
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.on_gpu else torch.device("cpu")
         if cfg.overwrite and self.rank == 0:  # everything an earlier run wrote, so nothing of it is mistaken for this run's
@@ -293,9 +307,15 @@ class Trainer:
                 record["peak_mem_gb"] = peak_memory_gb(self.device)
                 self.history.append(record)
                 self._log_scalars(record)
+                path = None
                 if stop or (cfg.save_steps and step % cfg.save_steps == 0) or step == total_steps:
                     # After skipped steps the adapters are those of the last good step: this checkpoint holds them.
                     path = self.save()
+                signum = stop_agreed(self.stop_request, self.device)  # every rank stops after the same step
+                if signum and not stop:
+                    path = path or self.save()
+                    raise TrainingInterrupted(f"stopped by {signal.Signals(signum).name} after step {step}/{total_steps}; "
+                                              f"checkpoint {path}: continue with --resume latest", signum)
                 if stop:
                     raise TrainingStopped(f"{self.nonfinite_in_a_row} steps in a row had a non-finite loss or gradient (steps "
                                           f"{step - self.nonfinite_in_a_row + 1}-{step}); the last good state is in {path}. "
@@ -334,7 +354,12 @@ class Trainer:
             replicas_identical = len(set(digests)) == 1
             if not replicas_identical:
                 raise RuntimeError("the adapter replicas differ across ranks after training; this is a bug, please report it")
-            save_adapter(engine.module, self.output_dir / "adapter")
+            try:
+                save_adapter(engine.module, self.output_dir / "adapter")  # atomic: nothing partial is left on failure
+            except (OSError, ConfigError) as err:
+                reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+                raise WriteFailed(f"writing the final adapter to {self.output_dir / 'adapter'} failed: {reason}; the training "
+                                  "is in the last checkpoint: free space, then --resume latest writes it again") from None
             if cfg.analyze:
                 from msplora_dist.analysis import analyze_model, tensorboard_scalars, write_report
 
@@ -371,6 +396,9 @@ class Trainer:
         """Close the TensorBoard writer (a stopped run keeps its events up to the stop) and release the engine, so
         that one process can run many trainers one after another (the benchmark, the experiments). The process
         group stays up for the next one; the entry point shuts it down (dist.process.shutdown_distributed)."""
+        self.stop_request.uninstall()
+        if self._watch is not None:
+            self._watch.stop()
         if self.writer is not None:
             self.writer.close()
             self.writer = None

@@ -11,18 +11,14 @@ import sys
 
 import pytest
 
+from msplora_dist.cli.train import main as train_main
 from msplora_dist.train.config import ASSETS
 from tests.launch_utils import REPO, TRAIN, subprocess_env
-
-_spec = importlib.util.spec_from_file_location("train_script", TRAIN)
-train_script = importlib.util.module_from_spec(_spec)
-sys.modules["train_script"] = train_script  # dataclasses look their module up there
-_spec.loader.exec_module(train_script)
 
 
 def run_main(capsys, tmp_path, *args):
     out = tmp_path / "out"
-    code = train_script.main(["--output_dir", str(out), "--max_steps", "1", *args])
+    code = train_main(["--output_dir", str(out), "--max_steps", "1", *args])
     err = capsys.readouterr().err.strip().splitlines()
     return code, err, out
 
@@ -81,7 +77,7 @@ def test_contradicting_batch_sizes(capsys, tmp_path):
 def test_unwritable_output_directory(capsys, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    code = train_script.main(["--output_dir", str(blocker / "sub"), "--max_steps", "1"])
+    code = train_main(["--output_dir", str(blocker / "sub"), "--max_steps", "1"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "not writable" in err[0] and str(blocker / "sub") in err[0]
 
@@ -159,7 +155,7 @@ def fake_checkpoint(output_dir, ranks=(8, 4, 2), targets=("q_proj", "v_proj"), h
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from msplora_dist import MSPLoRAConfig, apply_msplora, save_adapter
-    from msplora_dist.train.state import _write_manifest
+    from msplora_dist.utils.fileio import write_manifest
 
     config = AutoConfig.from_pretrained(ASSETS / "tiny_llama")
     if hidden:
@@ -169,7 +165,7 @@ def fake_checkpoint(output_dir, ranks=(8, 4, 2), targets=("q_proj", "v_proj"), h
     save_adapter(model, path / "adapter")
     state = {"step": 2, "world_size": 1, "history": []} | state_fields
     (path / "trainer_state.json").write_text(json.dumps(state))
-    _write_manifest(path)
+    write_manifest(path)
     return path
 
 
@@ -216,7 +212,6 @@ def test_a_checkpoint_deepspeed_cannot_convert_for_another_world_size_is_a_clear
 
 
 def test_an_attention_backend_whose_package_is_missing_is_refused_before_loading(capsys, tmp_path):
-    import importlib.util
 
     if importlib.util.find_spec("flash_attn") is not None:
         pytest.skip("flash-attn is installed here")

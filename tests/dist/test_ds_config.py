@@ -1,0 +1,79 @@
+"""The DeepSpeed config the trainer resolves: fp32 engine for the adapters whatever --dtype, the backbone's dtype
+only for ZeRO-3's zero.Init, no setting that lets a non-finite gradient through, and no backbone tensor made
+persistent unless the config asks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from msplora_dist.dist.ds_config import backbone_init_config, read_ds_config, resolve_ds_config
+from msplora_dist.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+VALUES = dict(micro_batch_size=2, grad_accum=1, world_size=1, lr=1e-3, weight_decay=0.0, max_grad_norm=1.0)
+
+
+def resolve(raw: dict, dtype: str = "bf16") -> dict:
+    return resolve_ds_config(raw, **VALUES, dtype=dtype)
+
+
+@pytest.mark.parametrize("name", ["zero2", "zero3", "zero3_offload"])
+def test_the_engine_runs_in_fp32_and_zero3_builds_the_backbone_in_the_run_dtype(name):
+    raw = read_ds_config(REPO / "ds_configs" / f"{name}.json")
+    ds = resolve(raw, "bf16")
+    # DeepSpeed's bf16 mode would cast the adapters (its only trainable tensors) to bf16.
+    assert ds["bf16"]["enabled"] is False and ds["fp16"]["enabled"] is False
+    assert backbone_init_config(ds, "bf16")["bf16"]["enabled"] is True
+    assert backbone_init_config(ds, "fp32")["bf16"]["enabled"] is False
+    assert ds["bf16"]["enabled"] is False  # backbone_init_config copies
+
+
+def test_an_explicit_bf16_setting_must_still_agree_with_dtype():
+    with pytest.raises(ConfigError, match=r"bf16\.enabled=True contradicts"):
+        resolve({"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}}, "fp32")
+    assert resolve({"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}}, "bf16")["bf16"]["enabled"] is False
+
+
+def test_turning_off_the_bf16_overflow_check_is_refused():
+    with pytest.raises(ConfigError, match="check_grad_overflow=false"):
+        resolve({"bf16": {"enabled": "auto", "check_grad_overflow": False}, "zero_optimization": {"stage": 2}})
+
+
+def test_a_misspelt_zero_section_is_refused_instead_of_training_without_it():
+    with pytest.raises(ConfigError, match="'zero_optimisation' but no 'zero_optimization'"):
+        resolve({"zero_optimisation": {"stage": 3}})
+
+
+def test_zero3_persists_no_backbone_tensor_unless_the_config_sets_a_threshold():
+    ds = resolve({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": "auto"}})
+    assert ds["zero_optimization"]["stage3_param_persistence_threshold"] == 0
+    # An explicit value is DeepSpeed's own rule for the backbone; the adapters persist regardless, so even a
+    # value below the largest adapter (refused before) is fine.
+    ds = resolve({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 7}})
+    assert ds["zero_optimization"]["stage3_param_persistence_threshold"] == 7
+
+
+def test_an_nvme_offload_without_its_folder_is_refused(tmp_path):
+    zero = {"stage": 3, "offload_param": {"device": "nvme"}}
+    with pytest.raises(ConfigError, match=r"offload_param\.nvme_path=None"):
+        resolve({"zero_optimization": zero})
+    zero["offload_param"]["nvme_path"] = str(tmp_path / "missing")
+    with pytest.raises(ConfigError, match="expected an existing folder"):
+        resolve({"zero_optimization": zero})
+    zero["offload_param"]["nvme_path"] = str(tmp_path)
+    assert resolve({"zero_optimization": zero})["zero_optimization"]["offload_param"]["nvme_path"] == str(tmp_path)
+
+
+def test_a_data_types_section_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="data_types"):
+        resolve({"zero_optimization": {"stage": 2}, "data_types": {"grad_accum_dtype": "bf16"}})
+
+
+def test_a_ds_config_that_is_a_list_is_one_line(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps([{"zero_optimization": {"stage": 2}}]))
+    with pytest.raises(ConfigError, match="expected a JSON object"):
+        read_ds_config(path)

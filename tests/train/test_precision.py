@@ -10,15 +10,8 @@ from safetensors.torch import load_file
 
 from msplora_dist.adapters.inject import adapter_params
 from msplora_dist.dist import zero
-from msplora_dist.dist.process import shutdown_distributed
 from msplora_dist.train.config import TrainConfig
 from msplora_dist.train.trainer import Trainer
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _process_group():
-    yield
-    shutdown_distributed()
 
 
 def bf16_trainer(tmp_path, ds_config: str, **overrides) -> Trainer:

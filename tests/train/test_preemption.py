@@ -12,7 +12,6 @@ import subprocess
 
 import pytest
 
-from msplora_dist.dist.process import shutdown_distributed
 from msplora_dist.errors import WriteFailed
 from msplora_dist.train import state
 from msplora_dist.train.config import TrainConfig
@@ -21,11 +20,6 @@ from msplora_dist.train.trainer import Trainer, TrainingInterrupted
 
 MOUNT = "mount"
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _process_group():
-    yield
-    shutdown_distributed()
 
 
 @pytest.fixture

@@ -6,17 +6,10 @@ from __future__ import annotations
 
 import pytest
 
-from msplora_dist.dist.process import shutdown_distributed
 from msplora_dist.errors import CheckpointError
 from msplora_dist.train.config import TrainConfig
 from msplora_dist.train.schedule import warmup_cosine
 from msplora_dist.train.trainer import Trainer
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _process_group():
-    yield
-    shutdown_distributed()
 
 
 def config(tmp_path, **overrides) -> TrainConfig:

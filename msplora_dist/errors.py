@@ -1,5 +1,6 @@
 """User-facing errors. Entry points catch UserError and print its one-line message (no traceback):
-the message names the offending value and what was expected."""
+the message names the offending value and what was expected. RunStopped is the other kind an entry point reports
+in one line: the run ended itself after keeping what it could, and exit_code says why."""
 
 
 class UserError(ValueError):
@@ -16,3 +17,17 @@ class CheckpointError(UserError):
 
 class DataError(UserError):
     """A data file or row is malformed."""
+
+
+class RunStopped(RuntimeError):
+    """A run stopped before its end; the message says where its last complete state is. exit_code: what an entry
+    point exits with (3 here; subclasses differ)."""
+
+    exit_code = 3
+
+
+class WriteFailed(RunStopped):
+    """Writing a checkpoint or the adapter failed (a full disk, an I/O error): the partial folder is removed and the
+    previous checkpoint stays the latest."""
+
+    exit_code = 4

@@ -66,7 +66,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, gather: Gather = 
         return Path(path)
 
     def write(tmp: Path) -> None:
-        save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt", "msplora_format_version": str(FORMAT_VERSION)})
+        # One metadata entry: safetensors writes the metadata map in hash order, random per save, so two would make
+        # the bytes (and weights_sha256) of identical adapters differ. The format version is in CONFIG_NAME.
+        save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         meta["weights_sha256"] = sha256_file(tmp / WEIGHTS_NAME)
         (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
 

@@ -25,13 +25,14 @@ import os
 import sys
 
 from msplora_dist.dist.process import shutdown_distributed
-from msplora_dist.errors import UserError
+from msplora_dist.errors import RunStopped, UserError
 from msplora_dist.train.config import parse_config
-from msplora_dist.train.trainer import Trainer, TrainingStopped
+from msplora_dist.train.trainer import Trainer
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse the flags, train, and map the outcome to an exit status: 0 done, 2 bad input, 3 stopped itself."""
+    """Parse the flags, train, and map the outcome to an exit status: 0 done, 2 bad input, 3 stopped itself (non-finite
+    steps), 4 a checkpoint could not be written, 128 + n stopped by signal n (143 SIGTERM, 130 SIGINT) after a checkpoint."""
     # Every rank reports: an error on one rank alone (a node-local path) must not go unsaid.
     rank = int(os.environ.get("RANK", "0"))
     prefix = f"error (rank {rank}): " if rank else "error: "
@@ -40,9 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"{prefix}{err}", file=sys.stderr, flush=True)
         return 2
-    except TrainingStopped as err:
+    except RunStopped as err:  # 3: repeated non-finite steps; 4: a write failed; 128 + n: stopped by signal n
         print(f"{prefix}{err}", file=sys.stderr, flush=True)
-        return 3
+        return err.exit_code
     finally:
         shutdown_distributed()
     return 0

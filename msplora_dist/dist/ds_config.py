@@ -2,8 +2,14 @@
 and refuse values that contradict them. Takes plain values, not the trainer's config object, so that
 dist/ depends on nothing above it.
 
-Under ZeRO-3 the shared adapters must stay replicated on every rank (docs/scaling.md and zero.py): that is DeepSpeed's persistence, so stage3_param_persistence_threshold must be at least the
-largest adapter tensor. "auto" sets exactly that; any smaller explicit value is an error.
+Precision: the only trainable tensors are the adapters, and DeepSpeed's bf16 mode would cast them (and so their
+gradients, summed over every layer that shares them) to bf16. The engine therefore always runs DeepSpeed's fp32
+mode (bf16.enabled false: the adapters are their own fp32 master, gradients accumulate in fp32), while the frozen
+backbone is loaded in --dtype (bf16 on a GPU): `backbone_init_config` is the config ZeRO-3 builds it under.
+
+Persistence: under ZeRO-3 the shared adapters must stay replicated on every rank (zero.persist_adapters marks
+exactly those tensors, one by one). stage3_param_persistence_threshold then concerns the backbone alone: "auto"
+is 0 (no backbone tensor replicated); an explicit value is DeepSpeed's own rule for the backbone.
 """
 
 from __future__ import annotations
@@ -43,8 +49,7 @@ def _fill(section: dict, key: str, value, what: str, *, compare=None) -> None:
 
 
 def resolve_ds_config(raw: dict, *, micro_batch_size: int, grad_accum: int, world_size: int, lr: float,
-                      weight_decay: float, max_grad_norm: float, dtype: str, largest_adapter_numel: int,
-                      load_universal: bool = False) -> dict:
+                      weight_decay: float, max_grad_norm: float, dtype: str, load_universal: bool = False) -> dict:
     """A complete DeepSpeed config for this run. dtype is the resolved 'bf16' or 'fp32'. load_universal:
     the run resumes a checkpoint written by another number of ranks (train.state.load_checkpoint)."""
     ds = copy.deepcopy(raw)
@@ -66,6 +71,15 @@ def resolve_ds_config(raw: dict, *, micro_batch_size: int, grad_accum: int, worl
     ds.setdefault("fp16", {})["enabled"] = False
     bf16 = ds.setdefault("bf16", {})
     _fill(bf16, "enabled", dtype == "bf16", "bf16.enabled")
+    if bf16.get("check_grad_overflow") is False:
+        # With it off DeepSpeed applies a NaN/inf gradient (stage_1_and_2.py); the trainer's skip relies on the check.
+        raise ConfigError("ds_config bf16.check_grad_overflow=false would let a non-finite gradient into the adapters; "
+                          "expected true or absent")
+    # fp32 engine, bf16 (or fp32) backbone: see the module docstring. The backbone's dtype travels with --dtype.
+    bf16["enabled"] = False
+    if "data_types" in ds:
+        raise ConfigError("ds_config has a 'data_types' section; the adapters always train and accumulate in fp32 "
+                          "(--dtype sets the backbone): remove it")
 
     optimizer = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
     if str(optimizer.get("type", "")).lower() not in ("adamw", "adam"):
@@ -77,7 +91,13 @@ def resolve_ds_config(raw: dict, *, micro_batch_size: int, grad_accum: int, worl
         raise ConfigError("ds_config has a 'scheduler' section; the trainer builds warmup + cosine from the training config "
                           "(--lr, warmup_ratio, min_lr_ratio): remove it")
 
+    if "zero_optimization" not in ds:
+        near = [k for k in ds if k.replace("_", "").lower().startswith("zero")]
+        if near:  # a misspelt section would silently train without ZeRO's non-finite skip or partitioning
+            raise ConfigError(f"ds_config has {near[0]!r} but no 'zero_optimization' section; expected 'zero_optimization'")
     zero = ds.setdefault("zero_optimization", {"stage": 2})
+    if not isinstance(zero, dict):
+        raise ConfigError(f"ds_config zero_optimization={zero!r}: expected an object such as {{\"stage\": 2}}")
     stage = zero.get("stage", 0)
     if stage not in (1, 2, 3):
         # DeepSpeed's ZeRO optimizers skip a step whose gradient norm is not finite; the trainer relies
@@ -87,15 +107,9 @@ def resolve_ds_config(raw: dict, *, micro_batch_size: int, grad_accum: int, worl
         raise ConfigError("ds_config zero_optimization.compute_grad_norm=false: the trainer needs the gradient norm to skip "
                           "non-finite steps; remove it")
     if stage == 3:
-        threshold = zero.get("stage3_param_persistence_threshold", AUTO)
-        if threshold == AUTO:
-            zero["stage3_param_persistence_threshold"] = largest_adapter_numel
-        elif int(threshold) < largest_adapter_numel:
-            raise ConfigError(
-                f"ds_config zero_optimization.stage3_param_persistence_threshold={threshold} would partition the shared "
-                f"adapters (the largest has {largest_adapter_numel} elements), which must stay replicated on every rank; "
-                f"set it to \"auto\" or at least {largest_adapter_numel}"
-            )
+        _check_offload_paths(zero)
+        if zero.get("stage3_param_persistence_threshold", AUTO) == AUTO:
+            zero["stage3_param_persistence_threshold"] = 0  # the adapters are made persistent one by one instead
         for key in ("stage3_prefetch_bucket_size", "reduce_bucket_size", "stage3_max_live_parameters", "stage3_max_reuse_distance"):
             if zero.get(key) == AUTO:
                 del zero[key]  # DeepSpeed's own defaults
@@ -105,6 +119,27 @@ def resolve_ds_config(raw: dict, *, micro_batch_size: int, grad_accum: int, worl
     if leftover:
         raise ConfigError(f"ds_config has \"auto\" at {leftover}, which the trainer does not fill; set a value there")
     return ds
+
+
+def _check_offload_paths(zero: dict) -> None:
+    """An NVMe offload needs its folder; DeepSpeed itself fails on a missing one with a traceback deep in its swapper."""
+    for key in ("offload_param", "offload_optimizer"):
+        section = zero.get(key) or {}
+        if not isinstance(section, dict):
+            raise ConfigError(f"ds_config zero_optimization.{key}={section!r}: expected an object such as {{\"device\": \"cpu\"}}")
+        if section.get("device") == "nvme":
+            path = section.get("nvme_path")
+            if not path or not Path(path).is_dir():
+                raise ConfigError(f"ds_config zero_optimization.{key}.nvme_path={path!r}: expected an existing folder "
+                                  "for the NVMe offload")
+
+
+def backbone_init_config(ds: dict, dtype: str) -> dict:
+    """The config ZeRO-3's zero.Init builds the partitioned backbone under: zero.Init takes its dtype from the bf16
+    section, which the engine's config (fp32 mode, for the adapters) has off."""
+    init = copy.deepcopy(ds)
+    init["bf16"]["enabled"] = dtype == "bf16"
+    return init
 
 
 def _find_auto(node, path="") -> list[str]:

@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from msplora_dist.errors import ConfigError
+
 SHM_DIR = Path("/dev/shm")
 
 
@@ -26,7 +28,13 @@ def init_distributed(on_gpu: bool) -> tuple[int, int]:
                 s.bind(("127.0.0.1", 0))
                 port = s.getsockname()[1]
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+        try:
+            deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+        except RuntimeError as err:  # torch's DistNetworkError among them, with a C++ traceback in its message
+            if "address already in use" not in str(err).lower():
+                raise
+            raise ConfigError(f"MASTER_PORT {os.environ['MASTER_PORT']} on {os.environ.get('MASTER_ADDR')} is already in use "
+                              "(another run?); expected a free port: pass --master_port to deepspeed") from None
         if on_gpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return dist.get_rank(), dist.get_world_size()

@@ -51,7 +51,7 @@ def register_adapters_with_zero3(model: torch.nn.Module) -> None:
     fetches its whole subtree but only its OWN external parameters. So each pair is registered with its
     MSPLoRALinear and with every ancestor up to the decoder layer: whichever of them is the leaf gathers it
     with its prefetch, rather than through ZeRO-3's blocking on-demand gather of a parameter read while absent.
-    With persistence on (ds_config.py sees to it) the adapters are gathered once and then stay replicated."""
+    Once persistent (persist_adapters) they are gathered once per step and then stay replicated."""
     import deepspeed
 
     layers_name, layers = find_decoder_layers(model)
@@ -89,13 +89,40 @@ def register_lm_head_with_zero3(model: torch.nn.Module) -> None:
     deepspeed.zero.register_external_parameter(model, head.weight)
 
 
-def check_adapters_replicated(model: torch.nn.Module) -> None:
-    """After deepspeed.initialize: every adapter tensor is whole on this rank (ZeRO-3 keeps it persistent), as the
-    gradient semantics and the replica digest need. Raises if ZeRO partitioned any of them."""
-    partitioned = [name for name, p in adapter_params(model).items() if is_zero3_param(p) and not getattr(p, "ds_persist", False)]
+def persist_adapters(model: torch.nn.Module) -> None:
+    """After deepspeed.initialize under ZeRO-3: keep exactly the adapter tensors replicated, tensor by tensor.
+
+    DeepSpeed 0.19.8 decides persistence by size alone (stage3_param_persistence_threshold and
+    stage3_model_persistence_threshold, in parameter_offload.mark_persistent_parameters): a threshold high enough
+    for the largest adapter also replicates every backbone tensor below it (on a 70B 4-bit model every packed k/v
+    weight). It has no per-parameter setting, but everything downstream reads one flag per parameter, ds_persist:
+    the coordinator never releases a parameter that has it (partitioned_param_coordinator.py), so it is gathered at
+    its first use after each optimizer step (which partitions everything) and stays whole until the next. The
+    ds_config sets the backbone's threshold to 0 unless the user chose one (ds_config.py); this sets the adapters'.
+    """
+    for param in adapter_params(model).values():
+        if is_zero3_param(param):
+            param.ds_persist = True
+
+
+def check_adapters_replicated(model: torch.nn.Module, ds_config: dict) -> None:
+    """After persist_adapters: under ZeRO-3 every adapter tensor is persistent (the gradient semantics and the
+    replica digest need it) and no backbone tensor is persistent beyond the threshold the ds_config chose for it
+    (which is 0 unless the user set one). Raises RuntimeError naming the first tensor that breaks either."""
+    adapters = adapter_params(model)
+    if not any(is_zero3_param(p) for p in adapters.values()):
+        return
+    partitioned = [name for name, p in adapters.items() if not getattr(p, "ds_persist", False)]
     if partitioned:
         raise RuntimeError(f"ZeRO-3 partitioned {len(partitioned)} adapter tensor(s) (first: {partitioned[0]}); they must stay "
-                           "replicated: check stage3_param_persistence_threshold and stage3_model_persistence_threshold")
+                           "replicated: zero.persist_adapters was not applied")
+    threshold = int(ds_config.get("zero_optimization", {}).get("stage3_param_persistence_threshold", 0))
+    ours = {id(p) for p in adapters.values()}
+    forced = [(name, p.ds_numel) for name, p in model.named_parameters()
+              if id(p) not in ours and getattr(p, "ds_persist", False) and p.ds_numel > threshold]
+    if forced:
+        raise RuntimeError(f"ZeRO-3 replicates {len(forced)} backbone tensor(s) above stage3_param_persistence_threshold="
+                           f"{threshold} (first: {forced[0][0]}, {forced[0][1]} elements); only the adapters may be forced")
 
 
 def local_numel(param: torch.Tensor) -> int:
@@ -108,8 +135,8 @@ def local_numel(param: torch.Tensor) -> int:
 
 def backbone_partition(model: torch.nn.Module, world: int, device: torch.device) -> dict:
     """How much of the frozen backbone each rank holds (collective). Under ZeRO-3 each rank keeps 1/world of
-    every partitioned tensor; tensors at or below stage3_param_persistence_threshold (norms, and on tiny
-    models small 4-bit weights) are persistent, i.e. whole on every rank."""
+    every partitioned tensor; tensors at or below stage3_param_persistence_threshold (0 unless the ds_config sets
+    one) are persistent, i.e. whole on every rank."""
     import torch.distributed as dist
 
     frozen = [p for p in model.parameters() if not p.requires_grad]

@@ -22,6 +22,8 @@ from msplora_dist.errors import ConfigError
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # transformers' attention back-ends (None: its default) and the package each needs beyond torch.
+MAX_LR = 1.0
+"""The largest --lr accepted."""
 ATTN_IMPLEMENTATIONS = {None: None, "eager": None, "sdpa": None, "flex_attention": None,
                         "flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
 
@@ -139,6 +141,13 @@ class TrainConfig:
             raise ConfigError(f"epochs={self.epochs}: expected > 0 when max_steps is -1")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"lr={self.lr}: expected a positive learning rate")
+        if self.lr > MAX_LR:  # Adam moves every adapter weight by ~lr per step: this drives the model to uniform output
+            raise ConfigError(f"lr={self.lr}: expected at most {MAX_LR} (adapter rates are typically 1e-4 to 1e-2)")
+        if not 0 <= self.seed < 2**32:  # numpy's and datasets' seeds are 32-bit
+            raise ConfigError(f"seed={self.seed}: expected an integer 0 <= seed < 2**32")
+        if not self.output_dir.strip():
+            raise ConfigError("output_dir='': expected a directory for the run (an empty one would write into the current "
+                              "directory)")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"warmup_ratio={self.warmup_ratio}: expected 0 <= warmup_ratio < 1")
         if not 0 <= self.min_lr_ratio <= 1:

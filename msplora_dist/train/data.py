@@ -43,6 +43,35 @@ def _locate_json_error(path: Path) -> str:
     return "no malformed line found"
 
 
+def _check_utf8(path: Path) -> None:
+    """JSON data must be UTF-8: a UTF-16 file (Windows editors write them) would otherwise be "Expecting value"."""
+    with open(path, "rb") as fh:
+        head = fh.read(1 << 16)
+    boms = {b"\xff\xfe\x00\x00": "UTF-32", b"\x00\x00\xfe\xff": "UTF-32", b"\xff\xfe": "UTF-16", b"\xfe\xff": "UTF-16"}
+    found = next((f"is {name} encoded" for bom, name in boms.items() if head.startswith(bom)), None)
+    if found is None and b"\x00" in head:
+        found = "is UTF-16 or UTF-32 encoded (it holds NUL bytes)"
+    if found is None:
+        try:
+            head.decode("utf-8")
+        except UnicodeDecodeError as err:
+            if err.start < len(head) - 4:  # not just a character cut at the end of the sample
+                found = f"is not UTF-8 (an invalid byte at offset {err.start})"
+    if found:
+        raise DataError(f"data {str(path)!r} {found}; expected UTF-8 JSON")
+
+
+def _holds_one_object(path: Path) -> bool:
+    """True for a .json file that is a single JSON object (which datasets would read as one row, or as columns)."""
+    text = path.read_text(encoding="utf-8-sig", errors="replace")
+    if not text.lstrip().startswith("{"):
+        return False
+    try:
+        return isinstance(json.loads(text), dict)
+    except json.JSONDecodeError:
+        return False  # JSON Lines: several objects
+
+
 def load_rows(path: str | os.PathLike) -> datasets.Dataset:
     """A datasets.Dataset from a .json/.jsonl/.parquet file or a save_to_disk directory."""
     path = Path(path)
@@ -58,6 +87,10 @@ def load_rows(path: str | os.PathLike) -> datasets.Dataset:
             return ds
         suffix = path.suffix.lower()
         if suffix in (".json", ".jsonl"):
+            _check_utf8(path)
+            if suffix == ".json" and _holds_one_object(path):
+                raise DataError(f"data {str(path)!r} holds one JSON object; expected a JSON array of rows, or JSON Lines "
+                                "(one object per line)")
             if suffix == ".json" and path.read_text(encoding="utf-8", errors="replace").lstrip().startswith("["):
                 try:
                     rows = json.loads(path.read_text(encoding="utf-8"))

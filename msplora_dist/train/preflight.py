@@ -82,8 +82,25 @@ def check_output_dir(cfg: TrainConfig) -> None:
                           "pass --resume latest to continue it, --overwrite true to replace it, or another --output_dir")
 
 
+DEEPSPEED_FLOOR = "0.19.8"
+"""The oldest DeepSpeed whose ZeRO optimizers skip a non-finite step in fp32 at every stage (earlier ones apply a NaN
+gradient under ZeRO-1/2 and check only fp16 under ZeRO-3); pyproject.toml requires it too."""
+
+
+def check_dependencies() -> None:
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    found = version("deepspeed")
+    if Version(found) < Version(DEEPSPEED_FLOOR):
+        raise ConfigError(f"deepspeed {found} is installed; expected >= {DEEPSPEED_FLOOR} (its ZeRO optimizers skip non-finite "
+                          "steps, which the trainer relies on): pip install -U deepspeed")
+
+
 def preflight(cfg: TrainConfig, world: int, on_gpu: bool) -> Plan:
     """Check everything a user can get wrong and prepare the data. Raises UserError; writes nothing."""
+    check_dependencies()
     dtype = cfg.resolved_dtype(on_gpu)
     raw_ds = read_ds_config(cfg.ds_config)
     hf_config = check_model_dir(cfg.model)
@@ -100,12 +117,10 @@ def preflight(cfg: TrainConfig, world: int, on_gpu: bool) -> Plan:
         raise ConfigError(f"attn_implementation={cfg.attn_implementation!r} needs the {needed} package, which is not installed; "
                           "expected sdpa or eager, or install it")
     liger = resolve_liger(cfg.liger, hf_config.get("model_type", ""), on_gpu)
-    largest = max(max(adapter_cfg.ranks) * f for t in adapter_cfg.target_modules for f in features[t])
     global_batch = cfg.micro_batch_size * cfg.grad_accum * world
 
     def ds_config(load_universal: bool = False) -> dict:
-        return resolve_ds_config(raw_ds, **cfg.ds_values(), world_size=world, dtype=dtype, largest_adapter_numel=largest,
-                                 load_universal=load_universal)
+        return resolve_ds_config(raw_ds, **cfg.ds_values(), world_size=world, dtype=dtype, load_universal=load_universal)
 
     resolved = ds_config()
     resume_dir = None

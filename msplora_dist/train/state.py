@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from msplora_dist.adapters.io import load_adapter, read_adapter_config, save_adapter
 from msplora_dist.dist.zero import gathered
-from msplora_dist.errors import CheckpointError
+from msplora_dist.errors import CheckpointError, ConfigError, WriteFailed
 from msplora_dist.utils.fileio import verify_manifest, write_manifest
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
@@ -125,13 +125,17 @@ def check_resume_compatible(directory: Path, adapter_config, hf_config: dict, ru
 
 # Settings that decide which tokens each step sees: a resume that changed one would silently be another run.
 DATA_ORDER_SETTINGS = ("seed", "max_seq_len", "packing", "train_on_prompt", "eval_fraction")
+# DeepSpeed's ZeRO-1/2 optimizer restores its gradient clipping from the checkpoint (stage_1_and_2.py
+# load_state_dict): a new value would silently not apply, so it is refused. lr, warmup_ratio, min_lr_ratio and
+# weight_decay are honoured (trainer.HONOURED_ON_RESUME).
+REFUSED_ON_RESUME = ("max_grad_norm",)
 
 
 def check_resume_data(directory: Path, config: dict, num_train_examples: int) -> None:
     """Refuse a resume whose data settings or training examples differ from the checkpoint's."""
     state = json.loads((directory / "trainer_state.json").read_text())
     saved = state.get("config", {})
-    for key in DATA_ORDER_SETTINGS:
+    for key in (*DATA_ORDER_SETTINGS, *REFUSED_ON_RESUME):
         if key in saved and saved[key] != config[key]:
             raise CheckpointError(f"--resume {str(directory)!r} was trained with {key}={saved[key]!r}; this run has "
                                   f"{key}={config[key]!r}. Resume with the same value, or start a new run (--overwrite true)")
@@ -150,29 +154,66 @@ def _barrier() -> None:
 
 
 def save_checkpoint(engine, output_dir: str | Path, step: int, trainer_state: dict, keep_last: int) -> Path:
-    """Collective: every rank calls it. Returns the final directory."""
+    """Collective: every rank calls it. Returns the final directory.
+
+    A write that fails (a full disk, an I/O error) raises WriteFailed in one line, after removing the temporary folder:
+    the previous checkpoint stays the latest. A failure in rank 0's part (the manifest, the rename) reaches every rank
+    through a broadcast; one inside DeepSpeed's own collective save ends that rank, and the launcher ends the others.
+    """
     root = checkpoint_root(output_dir)
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}"
+    try:
+        if _is_rank0():
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        _barrier()
+        save_adapter(engine.module, tmp / "adapter", gather=gathered)
+        engine.save_checkpoint(str(tmp / "ds"), tag="state", exclude_frozen_parameters=True, save_latest=False)
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
+    except (OSError, ConfigError, RuntimeError) as err:
+        # ConfigError: write_dir_atomically could not create its folder; RuntimeError: torch.save reports a failed
+        # write (ENOSPC included) as one, without an errno.
+        raise _write_failed(tmp, final, err) from None
+    _barrier()
+    failure = [None]
     if _is_rank0():
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier()
-    save_adapter(engine.module, tmp / "adapter", gather=gathered)
-    engine.save_checkpoint(str(tmp / "ds"), tag="state", exclude_frozen_parameters=True, save_latest=False)
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
-    _barrier()
-    if _is_rank0():
-        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
-        write_manifest(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in list_checkpoints(output_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+        try:
+            (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+            write_manifest(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except OSError as err:
+            failure = [str(_write_failed(tmp, final, err))]
+        else:
+            for old in list_checkpoints(output_dir)[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+    if dist.is_initialized():
+        dist.broadcast_object_list(failure, src=0)  # every rank stops with rank 0's message, none waits at a barrier
+    if failure[0] is not None:
+        raise WriteFailed(failure[0])
     return final
+
+
+FULL_DISK_BYTES = 1 << 20
+"""Less free space than this after a failed write is reported as a full disk (torch.save's error does not say)."""
+
+
+def _write_failed(tmp: Path, final: Path, err: Exception) -> WriteFailed:
+    """Remove the partial folder; the error names what failed and which checkpoint is now the latest."""
+    if isinstance(err, OSError) and err.strerror:
+        reason = f"{err.strerror} ({err.filename})" if err.filename else err.strerror
+    else:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        free = shutil.disk_usage(final.parent).free if final.parent.exists() else None
+        if free is not None and free < FULL_DISK_BYTES:
+            reason = f"No space left on device ({free // 1024} kB free; {reason})"
+    shutil.rmtree(tmp, ignore_errors=True)  # after measuring the free space, which the partial folder uses up
+    latest = next((p for p in reversed(list_checkpoints(final.parent.parent)) if verify_checkpoint(p) is None), None)
+    return WriteFailed(f"writing checkpoint {final} failed: {reason}; its partial folder was removed, and the latest "
+                       f"checkpoint is {latest if latest else 'none (the run has none yet)'}")
 
 
 def load_checkpoint(engine, directory: Path, scratch_root: Path) -> dict:

@@ -21,6 +21,7 @@ import math
 import os
 import resource
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -33,7 +34,10 @@ import torch.nn.functional as F
 from msplora_dist.adapters.inject import adapter_params, apply_msplora, param_report
 from msplora_dist.adapters.io import save_adapter
 from msplora_dist.dist import zero
+from msplora_dist.dist.ds_config import backbone_init_config
 from msplora_dist.dist.process import init_distributed
+from msplora_dist.dist.signals import LauncherWatch, StopRequest, stop_agreed
+from msplora_dist.errors import ConfigError, RunStopped, WriteFailed
 from msplora_dist.train.backbone import load_backbone, set_eval_mode
 from msplora_dist.train.config import TrainConfig, save_config_yaml
 from msplora_dist.train.data import IGNORE_INDEX, collate, eval_batches
@@ -44,9 +48,21 @@ from msplora_dist.train.state import checkpoint_root, load_checkpoint, save_chec
 from msplora_dist.utils.fileio import write_file_atomically
 from msplora_dist.utils.log import log
 
+HONOURED_ON_RESUME = ("lr", "warmup_ratio", "min_lr_ratio", "weight_decay")
+"""Optimisation flags a resume may change: the new values apply from the next step (state.REFUSED_ON_RESUME: those
+it may not)."""
 
-class TrainingStopped(RuntimeError):
+
+class TrainingStopped(RunStopped):
     """The run stopped itself (repeated non-finite steps); the message says where the last good state is."""
+
+
+class TrainingInterrupted(TrainingStopped):
+    """A stop signal (SIGTERM, SIGINT, the launcher's death) ended the run at a step boundary, after a checkpoint."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum  # the shell's convention for a process ended by that signal
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -62,6 +78,14 @@ def adapter_digest(model) -> str:
         digest.update(name.encode())
         digest.update(param.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def check_adapters_fp32(model) -> None:
+    """The adapters train, accumulate their gradients and are saved in fp32 whatever --dtype (ds_config.py)."""
+    wrong = [(name, p.dtype) for name, p in adapter_params(model).items() if p.dtype != torch.float32]
+    if wrong:
+        raise RuntimeError(f"{len(wrong)} adapter tensor(s) are not fp32 after deepspeed.initialize (first: {wrong[0][0]}, "
+                           f"{wrong[0][1]}); the adapters must train in fp32")
 
 
 def injected_nan_steps() -> set[int]:
@@ -105,12 +129,15 @@ class Trainer:
         self._nan_steps = injected_nan_steps()
         # Every step needs the loss-token count of its whole global batch: read the column once, not a row per step.
         self._loss_tokens = list(self.plan.train_ds["num_loss_tokens"])
+        self.stop_request, self._watch = StopRequest(), None
 
     # ------------------------------------------------------------------------------------------ setup
 
     def setup(self) -> None:
         """Start the process group, build the engine, restore a checkpoint, and evaluate where training starts."""
         cfg, plan = self.cfg, self.plan
+        self.stop_request.install()  # from here on a signal stops the run at a step boundary, with a checkpoint
+        self._watch = LauncherWatch(self.stop_request).start()
         self.rank, self.world = init_distributed(self.on_gpu)
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.on_gpu else torch.device("cpu")
         if cfg.overwrite and self.rank == 0:  # everything an earlier run wrote, so nothing of it is mistaken for this run's
@@ -151,7 +178,8 @@ class Trainer:
         cfg, plan = self.cfg, self.plan
         if plan.liger:
             apply_liger(plan.model_type)  # patches the model classes: before the model is built
-        model = load_backbone(cfg.model, dtype=plan.dtype, load_in_4bit=cfg.load_in_4bit, ds_config=plan.ds_config,
+        model = load_backbone(cfg.model, dtype=plan.dtype, load_in_4bit=cfg.load_in_4bit,
+                              ds_config=backbone_init_config(plan.ds_config, plan.dtype),
                               gradient_checkpointing=cfg.gradient_checkpointing, attn_implementation=cfg.attn_implementation)
         torch.manual_seed(cfg.seed)  # the same adapter init on every rank
         model = apply_msplora(model, plan.adapter_config)
@@ -171,20 +199,44 @@ class Trainer:
             model=model, model_parameters=list(adapter_params(model).values()), config=plan.ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
         )
-        zero.check_adapters_replicated(engine.module)
+        zero.persist_adapters(engine.module)
+        zero.check_adapters_replicated(engine.module, plan.ds_config)
+        check_adapters_fp32(engine.module)
         return engine, scheduler
 
     def _resume(self) -> None:
         plan = self.plan
+        # This run's optimizer settings (lr, weight_decay, betas, eps from the flags and the ds_config), before the
+        # checkpoint's param_groups overwrite them: the checkpoint supplies state (moments, step), not settings.
+        settings = [{k: v for k, v in group.items() if k != "params"} for group in self.scheduler.optimizer.param_groups]
         state = load_checkpoint(self.engine, plan.resume_dir, checkpoint_root(self.output_dir))
         self.step_count, self.history = state["step"], state["history"]
+        self._apply_settings(settings)
         log(f"resumed from {plan.resume_dir} at step {self.step_count}")
+        saved = state.get("config", {})
+        changed = [f"{k} {saved[k]:g} -> {getattr(self.cfg, k):g}" for k in HONOURED_ON_RESUME
+                   if k in saved and saved[k] != getattr(self.cfg, k)]
+        if changed:
+            log(f"resume: this run's {', '.join(changed)} apply from step {self.step_count + 1} on (the schedule keeps its "
+                "position; the checkpoint's values are not used)")
         if state.get("total_steps") not in (None, plan.total_steps):
             log(f"note: the checkpoint's run had {state['total_steps']} steps, this one has {plan.total_steps}: the warmup + cosine "
                 "schedule is recomputed for the new length, so the learning rate jumps at the resume")
         if self.step_count >= plan.total_steps:
             log(f"note: the checkpoint is at step {self.step_count} of {plan.total_steps}: nothing is left to train; the final "
                 "adapter is written again. Raise --max_steps or --epochs to train further")
+
+    def _apply_settings(self, settings: list[dict]) -> None:
+        """Put this run's optimizer settings back after a checkpoint load, and its schedule (peak lr, warmup, min lr:
+        the lambda is this run's, never saved) at the checkpoint's position, through the scheduler's own state."""
+        groups, scheduler = self.scheduler.optimizer.param_groups, self.scheduler
+        base = [self.cfg.lr] * len(groups)
+        # One schedule step per training step, skipped ones included (step()): the position is the step count.
+        lrs = [b * scheduler.lr_lambdas[0](self.step_count) for b in base]
+        scheduler.load_state_dict(scheduler.state_dict() | {"base_lrs": base, "_last_lr": lrs, "last_epoch": self.step_count})
+        for group, mine, lr, b in zip(groups, settings, lrs, base, strict=True):
+            group.update(mine)
+            group.update(lr=lr, initial_lr=b)
 
     # ------------------------------------------------------------------------------------------ steps
 
@@ -245,6 +297,10 @@ class Trainer:
         if applied and not math.isfinite(loss):
             raise TrainingStopped(f"step {step}: the loss is {loss} but the optimizer applied the update; the adapters may "
                                   "be corrupt (this should not happen with ZeRO stage >= 1), stopping")
+        if not applied:
+            # DeepSpeed steps the schedule only with an applied update; the schedule counts steps, so that after skipped
+            # ones the cosine still ends at min lr on the last step.
+            self.scheduler.step()
         grad_norm = engine.get_global_grad_norm()
         record = {"step": step, "loss": loss, "lr": lr,
                   "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
@@ -278,9 +334,15 @@ class Trainer:
                 record["peak_mem_gb"] = peak_memory_gb(self.device)
                 self.history.append(record)
                 self._log_scalars(record)
+                path = None
                 if stop or (cfg.save_steps and step % cfg.save_steps == 0) or step == total_steps:
                     # After skipped steps the adapters are those of the last good step: this checkpoint holds them.
                     path = self.save()
+                signum = stop_agreed(self.stop_request, self.device)  # every rank stops after the same step
+                if signum and not stop:
+                    path = path or self.save()
+                    raise TrainingInterrupted(f"stopped by {signal.Signals(signum).name} after step {step}/{total_steps}; "
+                                              f"checkpoint {path}: continue with --resume latest", signum)
                 if stop:
                     raise TrainingStopped(f"{self.nonfinite_in_a_row} steps in a row had a non-finite loss or gradient (steps "
                                           f"{step - self.nonfinite_in_a_row + 1}-{step}); the last good state is in {path}. "
@@ -319,7 +381,12 @@ class Trainer:
             replicas_identical = len(set(digests)) == 1
             if not replicas_identical:
                 raise RuntimeError("the adapter replicas differ across ranks after training; this is a bug, please report it")
-            save_adapter(engine.module, self.output_dir / "adapter")
+            try:
+                save_adapter(engine.module, self.output_dir / "adapter")  # atomic: nothing partial is left on failure
+            except (OSError, ConfigError) as err:
+                reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+                raise WriteFailed(f"writing the final adapter to {self.output_dir / 'adapter'} failed: {reason}; the training "
+                                  "is in the last checkpoint: free space, then --resume latest writes it again") from None
             if cfg.analyze:
                 from msplora_dist.analysis import analyze_model, tensorboard_scalars, write_report
 
@@ -356,6 +423,9 @@ class Trainer:
         """Close the TensorBoard writer (a stopped run keeps its events up to the stop) and release the engine, so
         that one process can run many trainers one after another (the benchmark, the experiments). The process
         group stays up for the next one; the entry point shuts it down (dist.process.shutdown_distributed)."""
+        self.stop_request.uninstall()
+        if self._watch is not None:
+            self._watch.stop()
         if self.writer is not None:
             self.writer.close()
             self.writer = None

@@ -298,3 +298,14 @@ def test_saving_a_model_without_adapters_raises_config_error(tmp_path, tiny_llam
     with pytest.raises(ConfigError, match="has no MSPLoRA adapters"):
         save_adapter(tiny_llama, tmp_path / "a")
     assert not (tmp_path / "a").exists()
+
+
+def test_saving_the_same_adapter_again_gives_the_same_bytes(saved, tmp_path):
+    # safetensors writes its metadata map in a hash order that changes from save to save: with more than one
+    # entry, some of a dozen saves in a row differ, and so would two identical runs. weights_sha256.
+    model, path = saved
+    digests = set()
+    for i in range(12):
+        ckpt.save_adapter(model, tmp_path / f"again{i}")
+        digests.add(json.loads((tmp_path / f"again{i}" / CONFIG_NAME).read_text())["weights_sha256"])
+    assert digests == {json.loads((path / CONFIG_NAME).read_text())["weights_sha256"]}

@@ -241,3 +241,21 @@ def test_chat_template_that_writes_bos_gets_exactly_one(tokenizer):
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     ex = tokenize_row({"messages": messages}, "chat", tokenizer, 256, train_on_prompt=False)
     assert ex["input_ids"].count(tokenizer.bos_token_id) == 1 and ex["input_ids"][0] == tokenizer.bos_token_id
+
+
+@pytest.mark.parametrize(("encoding", "fragment"), [("utf-16", "is UTF-16 encoded"), ("latin-1", "is not UTF-8 (an invalid byte")])
+def test_json_that_is_not_utf8_says_so(tmp_path, encoding, fragment):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(('{"text": "caf\u00e9"}\n' * 3).encode(encoding))
+    with pytest.raises(DataError, match=re.escape(fragment)):
+        load_rows(path)
+
+
+def test_a_json_file_of_one_object_is_refused_rather_than_read_as_one_row(tmp_path):
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps({"instruction": "a", "output": "b"}))
+    with pytest.raises(DataError, match="holds one JSON object; expected a JSON array of rows, or JSON Lines"):
+        load_rows(one)
+    lines = tmp_path / "lines.json"  # JSON Lines under a .json name still loads
+    lines.write_text('{"text": "a"}\n{"text": "b"}\n')
+    assert len(load_rows(lines)) == 2

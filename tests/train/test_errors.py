@@ -11,14 +11,14 @@ import sys
 
 import pytest
 
-from msplora_dist.cli import train as train_script
+from msplora_dist.cli.train import main as train_main
 from msplora_dist.train.config import ASSETS
 from tests.launch_utils import REPO, TRAIN, subprocess_env
 
 
 def run_main(capsys, tmp_path, *args):
     out = tmp_path / "out"
-    code = train_script.main(["--output_dir", str(out), "--max_steps", "1", *args])
+    code = train_main(["--output_dir", str(out), "--max_steps", "1", *args])
     err = capsys.readouterr().err.strip().splitlines()
     return code, err, out
 
@@ -77,7 +77,7 @@ def test_contradicting_batch_sizes(capsys, tmp_path):
 def test_unwritable_output_directory(capsys, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    code = train_script.main(["--output_dir", str(blocker / "sub"), "--max_steps", "1"])
+    code = train_main(["--output_dir", str(blocker / "sub"), "--max_steps", "1"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "not writable" in err[0] and str(blocker / "sub") in err[0]
 

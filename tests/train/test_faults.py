@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -63,6 +64,32 @@ def test_killed_rank_ends_the_launcher_and_resume_reaches_the_uninterrupted_adap
     assert summary(killed)["steps"] == summary(straight)["steps"] == 24
     a, b = adapter_tensors(killed), adapter_tensors(straight)
     assert all((a[k] == b[k]).all() for k in b), "resumed run differs from the uninterrupted one"
+
+
+def test_sigterm_to_the_launcher_stops_every_rank_after_a_checkpoint_and_none_outlives_it(tmp_path):
+    # DeepSpeed's runner dies on SIGTERM without forwarding it; the ranks notice (LauncherWatch), stop at the same
+    # step boundary, write a checkpoint and exit 143, and DeepSpeed's per-node launcher then ends too.
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
+           str(TRAIN), "--output_dir", str(out), *ARGS, "--max_steps", "400"]
+    launcher = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(out / "train_config.yaml", launcher)  # written once the engine is built: the ranks watch their launchers
+        tree = psutil.Process(launcher.pid).children(recursive=True)
+        assert sum("--local_rank" in " ".join(p.cmdline()) for p in tree) == 2
+        launcher.send_signal(signal.SIGTERM)
+        _, alive = psutil.wait_procs(tree, timeout=120)
+        assert not alive, f"{[p.cmdline() for p in alive]} outlived the launcher"
+        output = launcher.communicate(timeout=30)[0]
+    finally:
+        for p in psutil.Process().children(recursive=True):
+            p.kill()
+    stopped = re.search(r"stopped by SIGTERM after step (\d+)/400; checkpoint (\S+): continue with --resume latest", output)
+    assert stopped, output[-3000:]
+    step = int(stopped.group(1))
+    assert 0 < step < 400 and stopped.group(2).endswith(f"step-{step:08d}")
+    assert find_resume_dir(out, "latest").name == f"step-{step:08d}"
+    assert "Traceback" not in output
 
 
 def test_nonfinite_steps_are_skipped_and_too_many_in_a_row_stop_with_a_checkpoint(tmp_path):

@@ -130,7 +130,7 @@ class Trainer:
         import deepspeed
 
         cfg, plan = self.cfg, self.plan
-        model = load_backbone(cfg.model, dtype=plan.dtype, load_in_4bit=cfg.load_in_4bit, ds_config=plan.ds_config,
+        model = load_backbone(plan.model_dir, dtype=plan.dtype, load_in_4bit=cfg.load_in_4bit, ds_config=plan.ds_config,
                               gradient_checkpointing=cfg.gradient_checkpointing, attn_implementation=cfg.attn_implementation)
         torch.manual_seed(cfg.seed)  # the same adapter init on every rank
         model = apply_msplora(model, plan.adapter_config)

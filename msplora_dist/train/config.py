@@ -71,12 +71,11 @@ class DataSource:
                        None if value.get("subset") is None else str(value["subset"]))
         text = str(value).strip()
         head, sep, tail = text.rpartition(":")
-        if sep and head:
-            try:
-                return cls(head, float(tail))
-            except ValueError:
-                pass  # a colon that is part of the path
-        return cls(text)
+        try:
+            weight = float(tail) if sep and head else None
+        except ValueError:
+            weight = None  # a colon that is part of the path
+        return cls(text) if weight is None else cls(head, weight)
 
 
 @dataclass

@@ -17,8 +17,8 @@ from msplora_dist.adapters.config import MSPLoRAConfig
 from msplora_dist.dist.ds_config import read_ds_config, resolve_ds_config, zero_stage
 from msplora_dist.errors import ConfigError
 from msplora_dist.train.backbone import DTYPES, check_model_dir, load_tokenizer, projection_features, quantization_config
-from msplora_dist.train.config import ATTN_IMPLEMENTATIONS, TrainConfig
 from msplora_dist.train.cache import default_cache_dir, tokenize_cached
+from msplora_dist.train.config import ATTN_IMPLEMENTATIONS, TrainConfig
 from msplora_dist.train.data import GlobalBatchSampler, ensure_chat_template, keep_trainable, pack_examples
 from msplora_dist.train.hub import resolve_model
 from msplora_dist.train.prompts import read_chat_template

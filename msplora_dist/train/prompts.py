@@ -14,8 +14,9 @@ Alpaca rows (instruction, input, output):
 
 Chat rows (messages with role/content, or ShareGPT conversations with from/value, converted by
 sharegpt_messages) use --chat_template when given (a Jinja file or a name in BUILTIN_CHAT_TEMPLATES), else
-the tokenizer's chat template when it has one; otherwise DEFAULT_CHAT_TEMPLATE below: each turn is "<|{role}|>\n{content}\n", and the assistant turn's
-content is followed by the tokenizer's eos token. The loss covers the assistant turns only.
+the tokenizer's chat template when it has one; otherwise DEFAULT_CHAT_TEMPLATE below: each turn is
+"<|{role}|>\n{content}\n", and the assistant turn's content is followed by the tokenizer's eos token.
+The loss covers the assistant turns only.
 """
 
 from __future__ import annotations

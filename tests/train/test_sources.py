@@ -60,7 +60,8 @@ def test_sharegpt_rows_tokenize_exactly_like_the_same_chat_rows(tokenizer):
 
 
 @pytest.mark.parametrize(("conversations", "fragment"), [
-    ([{"from": "human", "value": "hi"}, {"from": "bot", "value": "yo"}], "conversations[1].from is 'bot'; expected one of human, gpt, system"),
+    ([{"from": "human", "value": "hi"}, {"from": "bot", "value": "yo"}],
+     "conversations[1].from is 'bot'; expected one of human, gpt, system"),
     ([{"from": "human", "value": 3}], "conversations[0].value must be a string, got int"),
     ("hello", "'conversations' must be a non-empty list"),
 ])

@@ -96,7 +96,7 @@ def tokenize_cached(rows: datasets.Dataset, fmt: str, tokenizer, max_seq_len: in
             _build(entry, rows, fmt, tokenizer, max_seq_len, train_on_prompt, label, key, parts)
             log(f"data: tokenized {label} into the cache, {entry}")
         else:
-            log(f"data: {label} tokenized earlier, reused from the cache, {entry}")
+            log(f"data: {label} reused from the cache (tokenized by an earlier run or another rank), {entry}")
     return datasets.Dataset.from_file(str(entry / DATA_FILE))
 
 

@@ -24,22 +24,79 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 # transformers' attention back-ends (None: its default) and the package each needs beyond torch.
 MAX_LR = 1.0
 """The largest --lr accepted."""
+
+# interleave_datasets' stopping strategies for a weighted mix of several data sources.
+MIX_STRATEGIES = ("first_exhausted", "all_exhausted", "all_exhausted_without_replacement")
 ATTN_IMPLEMENTATIONS = {None: None, "eager": None, "sdpa": None, "flex_attention": None,
                         "flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """One data source of --data / --eval_data: a local .json/.jsonl/.parquet file, a datasets save_to_disk
+    folder, a folder of data files, or a Hugging Face Hub dataset name. Written `PATH` or `PATH:WEIGHT` on the
+    command line (several joined by commas), or as a YAML mapping with any of the fields below."""
+
+    path: str
+    """The file, folder or hub dataset name."""
+    weight: float | None = None
+    """Mixing weight: with several sources, each training row is drawn from source i with probability
+    weight_i / sum(weights) (datasets.interleave_datasets). No weights: the sources are concatenated."""
+    split: str = "train"
+    """The split to read from a hub dataset or a folder of data files."""
+    subset: str | None = None
+    """The configuration (subset) name of a hub dataset that has several."""
+
+    def __post_init__(self):
+        if not self.path:
+            raise ConfigError("data source with an empty path; expected a file, folder or hub dataset name")
+        if self.weight is not None and not (self.weight > 0 and math.isfinite(self.weight)):
+            raise ConfigError(f"data source {self.path!r}: weight={self.weight}; expected a positive number")
+
+    def __str__(self) -> str:
+        return self.path if self.weight is None else f"{self.path}:{self.weight:g}"
+
+    @classmethod
+    def parse(cls, name: str, value) -> DataSource:
+        """From `PATH`, `PATH:WEIGHT` or a mapping {path, weight, split, subset}; errors name the field `name`."""
+        if isinstance(value, DataSource):
+            return value
+        if isinstance(value, dict):
+            unknown = sorted(set(value) - {f.name for f in dataclasses.fields(cls)})
+            if unknown or "path" not in value:
+                raise ConfigError(f"{name}: a source {value!r} has fields {sorted(value)}; expected path and optionally "
+                                  "weight, split, subset")
+            try:
+                weight = None if value.get("weight") is None else float(value["weight"])
+            except (TypeError, ValueError):
+                raise ConfigError(f"{name}: source {value['path']!r} has weight={value['weight']!r}; expected a number") from None
+            return cls(str(value["path"]), weight, str(value.get("split") or "train"),
+                       None if value.get("subset") is None else str(value["subset"]))
+        text = str(value).strip()
+        head, sep, tail = text.rpartition(":")
+        try:
+            weight = float(tail) if sep and head else None
+        except ValueError:
+            weight = None  # a colon that is part of the path
+        return cls(text) if weight is None else cls(head, weight)
 
 
 @dataclass
 class TrainConfig:
     # --- what to train on -------------------------------------------------------------------------
     model: str = str(ASSETS / "tiny_llama")
-    """A local Hugging Face model directory of a LLaMA-family model (llama, mistral, qwen2)."""
-    data: str = str(ASSETS / "data" / "instructions.jsonl")
-    """Training data: a .json/.jsonl/.parquet file or a datasets save_to_disk folder. Rows are alpaca
-    (instruction, input, output), chat (messages: [{role, content}]) or plain text (text)."""
-    eval_data: str | None = None
-    """Held-out data in the same formats; when unset, eval_fraction of `data` is held out."""
+    """A LLaMA-family model (llama, mistral, qwen2, qwen3): a local Hugging Face model directory or a Hub name
+    (downloaded into the Hugging Face cache; with HF_HUB_OFFLINE=1 taken from the cache only)."""
+    data: tuple[DataSource, ...] = (DataSource(str(ASSETS / "data" / "instructions.jsonl")),)
+    """Training data: one source or several, comma-separated, each a .json/.jsonl/.parquet file, a datasets
+    folder or a Hub dataset name, with an optional mixing weight (a.jsonl:0.7,b.parquet:0.3; a YAML list of
+    {path, weight, split, subset} too). Rows are alpaca (instruction, input, output), chat (messages:
+    [{role, content}]), ShareGPT (conversations: [{from, value}]) or plain text (text); each source its own."""
+    eval_data: tuple[DataSource, ...] = ()
+    """Held-out data, sources as in `data` (concatenated, no weights); when unset, eval_fraction of each
+    `data` source is held out."""
     eval_fraction: float = 0.1
-    """Share of `data` held out for evaluation when eval_data is unset (0 turns evaluation off)."""
+    """Share of each `data` source held out for evaluation when eval_data is unset (0 turns evaluation off)."""
     output_dir: str = "runs/default"
     """Where the final adapter ({output_dir}/adapter), checkpoints, TensorBoard logs and the resolved
     configs go."""
@@ -105,6 +162,19 @@ class TrainConfig:
     """Also compute the loss on prompt tokens (default: response tokens only)."""
     packing: bool = False
     """Pack several examples into each row of max_seq_len tokens (attention stays within an example)."""
+    mix_strategy: str = "first_exhausted"
+    """How a weighted mix of sources ends (datasets.interleave_datasets): first_exhausted (when a source runs
+    out: no row repeats), all_exhausted (when every source has been seen whole: small sources repeat) or
+    all_exhausted_without_replacement."""
+    chat_template: str | None = None
+    """Chat template for chat and ShareGPT rows, replacing the tokenizer's: a Jinja file, or a built-in (default,
+    chatml, llama3). Unset: the tokenizer's own, or `default` for a base model that has none."""
+    data_cache: bool = True
+    """Cache the tokenized data (Arrow, memory-mapped): a later run, and every rank after the first, reuses it.
+    The key covers the data files (path, size, mtime), the tokenizer files, the chat template, max_seq_len,
+    train_on_prompt and the tokenizing code."""
+    data_cache_dir: str | None = None
+    """Where the tokenized cache lives; unset: msplora_tokenized/ in the datasets cache (HF_DATASETS_CACHE)."""
 
     # --- checkpoints, evaluation and logging ---------------------------------------------------------
     save_steps: int = 0
@@ -167,6 +237,17 @@ class TrainConfig:
             raise ConfigError(f"dtype={self.dtype!r}: expected one of auto, bf16, fp32")
         if self.max_seq_len < 8:
             raise ConfigError(f"max_seq_len={self.max_seq_len}: expected at least 8 tokens")
+        if not self.data:
+            raise ConfigError("data is empty; expected at least one data source")
+        weighted = [s.weight is not None for s in self.data]
+        if len(self.data) > 1 and any(weighted) and not all(weighted):
+            raise ConfigError(f"data {', '.join(map(str, self.data))}: some sources have a weight and some not; expected a "
+                              "weight for every source (a weighted mix) or for none (concatenated)")
+        if any(s.weight is not None for s in self.eval_data):
+            raise ConfigError(f"eval_data {', '.join(map(str, self.eval_data))}: eval sources are concatenated whole; "
+                              "expected no weights")
+        if self.mix_strategy not in MIX_STRATEGIES:
+            raise ConfigError(f"mix_strategy={self.mix_strategy!r}: expected one of {', '.join(MIX_STRATEGIES)}")
         if self.resume and self.overwrite:
             raise ConfigError(f"resume={self.resume!r} and overwrite=true contradict each other; expected one of them")
         self.adapter_config()  # validates ranks, alphas, dropout, targets, groups
@@ -214,6 +295,8 @@ def _convert(name: str, value, hint):
             return None
         return _convert(name, value, inner[0])
     if origin is tuple:
+        if isinstance(value, str) and value.strip().lower() in ("", "none", "null"):
+            return ()
         items = value.split(",") if isinstance(value, str) else list(value) if isinstance(value, list | tuple) else [value]
         items = [i.strip() if isinstance(i, str) else i for i in items]
         items = [i for i in items if i != ""]
@@ -221,6 +304,8 @@ def _convert(name: str, value, hint):
         if args[-1] is not Ellipsis and len(items) == 1:
             items = items * len(args)  # one value for every level
         return tuple(_convert(name, i, elem) for i in items)
+    if dataclasses.is_dataclass(hint):
+        return hint.parse(name, value)
     try:
         if hint is bool:
             if isinstance(value, bool):

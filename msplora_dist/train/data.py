@@ -20,10 +20,11 @@ import torch
 from jinja2 import TemplateError
 
 from msplora_dist.errors import DataError
-from msplora_dist.train.prompts import DEFAULT_CHAT_TEMPLATE, alpaca_prompt
+from msplora_dist.train.prompts import DEFAULT_CHAT_TEMPLATE, alpaca_prompt, sharegpt_messages
 
 IGNORE_INDEX = -100
-FORMATS = {"alpaca": ("instruction", "output"), "chat": ("messages",), "text": ("text",)}
+FORMATS = {"alpaca": ("instruction", "output"), "chat": ("messages",), "sharegpt": ("conversations",), "text": ("text",)}
+CHAT_FORMATS = ("chat", "sharegpt")  # rendered by the chat template
 
 
 # --- loading ------------------------------------------------------------------------------------------
@@ -213,6 +214,8 @@ def _loss_mask(tokenizer, text: str, spans: list[tuple[int, int]]) -> tuple[list
 
 
 def tokenize_row(row: dict, fmt: str, tokenizer, max_seq_len: int, train_on_prompt: bool, lineno: int = 0) -> dict:
+    if fmt == "sharegpt":
+        row, fmt = {"messages": sharegpt_messages(row.get("conversations"), lineno)}, "chat"
     segments = _segments(row, fmt, tokenizer, lineno)
     text, spans = "", []
     for piece, takes_loss in segments:
@@ -246,26 +249,41 @@ class TokenizedSplit:
     num_dropped: int
 
 
-def tokenize_dataset(ds: datasets.Dataset, fmt: str, tokenizer, max_seq_len: int, train_on_prompt: bool,
-                     source: str) -> TokenizedSplit:
+def tokenize_rows(ds: datasets.Dataset, fmt: str, tokenizer, max_seq_len: int, train_on_prompt: bool, source: str,
+                  cache_file: str | None = None, fingerprint: str | None = None) -> datasets.Dataset:
+    """Every row tokenized (input_ids, labels, num_loss_tokens, truncated), rows without a loss token kept.
+    With cache_file the result is written there as Arrow (msplora_dist.train.cache), under `fingerprint` (which
+    spares datasets hashing the tokenizer); else where datasets puts it."""
     if len(ds) == 0:
         raise DataError(f"data {source!r} has no rows; expected at least one example")
-    if fmt == "chat":
+    if fmt in CHAT_FORMATS:
         ensure_chat_template(tokenizer)
 
     def fn(row, idx):
         return tokenize_row(row, fmt, tokenizer, max_seq_len, train_on_prompt, lineno=idx + 1)
 
     try:
-        out = ds.map(fn, with_indices=True, remove_columns=ds.column_names, desc="tokenizing", load_from_cache_file=False)
+        return ds.map(fn, with_indices=True, remove_columns=ds.column_names, desc="tokenizing", load_from_cache_file=False,
+                      cache_file_name=cache_file, new_fingerprint=fingerprint)
     except DataError as err:
         raise DataError(f"data {source!r}: {err}") from None
-    num_truncated = int(sum(out["truncated"]))
-    kept = out.filter(lambda n: n > 0, input_columns="num_loss_tokens", load_from_cache_file=False)
+
+
+def keep_trainable(tokenized: datasets.Dataset, source: str, max_seq_len: int) -> TokenizedSplit:
+    """The rows that have a loss token left after truncation, and the counts of what was cut."""
+    num_truncated = int(sum(tokenized["truncated"]))
+    # keep_in_memory: an indices mapping in memory, never a file beside a (shared, cached) Arrow file.
+    kept = tokenized.filter(lambda n: [x > 0 for x in n], input_columns="num_loss_tokens", batched=True,
+                            load_from_cache_file=False, keep_in_memory=True)
     if len(kept) == 0:
-        raise DataError(f"data {source!r}: none of its {len(ds)} rows has a response token within max_seq_len={max_seq_len}; "
+        raise DataError(f"data {source!r}: none of its {len(tokenized)} rows has a response token within max_seq_len={max_seq_len}; "
                         "expected shorter prompts or a larger max_seq_len")
-    return TokenizedSplit(kept.remove_columns("truncated"), len(ds), num_truncated, len(ds) - len(kept))
+    return TokenizedSplit(kept.remove_columns("truncated"), len(tokenized), num_truncated, len(tokenized) - len(kept))
+
+
+def tokenize_dataset(ds: datasets.Dataset, fmt: str, tokenizer, max_seq_len: int, train_on_prompt: bool,
+                     source: str) -> TokenizedSplit:
+    return keep_trainable(tokenize_rows(ds, fmt, tokenizer, max_seq_len, train_on_prompt, source), source, max_seq_len)
 
 
 def pack_examples(ds: datasets.Dataset, max_seq_len: int, seed: int) -> datasets.Dataset:

@@ -10,13 +10,20 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import datasets
+from jinja2 import TemplateError
+
 from msplora_dist.adapters.config import MSPLoRAConfig
 from msplora_dist.dist.ds_config import read_ds_config, resolve_ds_config, zero_stage
 from msplora_dist.errors import ConfigError
 from msplora_dist.train.backbone import DTYPES, check_model_dir, load_tokenizer, projection_features, quantization_config
+from msplora_dist.train.cache import default_cache_dir, tokenize_cached
 from msplora_dist.train.config import ATTN_IMPLEMENTATIONS, TrainConfig
-from msplora_dist.train.data import GlobalBatchSampler, detect_format, load_rows, pack_examples, tokenize_dataset
+from msplora_dist.train.data import GlobalBatchSampler, ensure_chat_template, keep_trainable, pack_examples
+from msplora_dist.train.hub import resolve_model
 from msplora_dist.train.kernels import resolve_liger
+from msplora_dist.train.prompts import read_chat_template
+from msplora_dist.train.sources import hold_out, load_sources, mix, mix_summary
 from msplora_dist.train.state import check_resume_compatible, check_resume_data, checkpoint_root, find_resume_dir
 from msplora_dist.utils.log import log
 
@@ -35,6 +42,8 @@ class Plan:
     total_steps: int
     resume_dir: Path | None
     world_size: int
+    model_dir: Path
+    """cfg.model as a local path: itself, or its snapshot in the Hugging Face cache for a Hub name."""
     model_type: str = "llama"
     liger: bool = False
 
@@ -43,27 +52,60 @@ class Plan:
         return zero_stage(self.ds_config)
 
 
+def choose_chat_template(tokenizer, override: str | None) -> None:
+    """--chat_template when given, else the tokenizer's own, else DEFAULT_CHAT_TEMPLATE (a base model has none).
+    Set before the cache key is made, since the template decides the tokens of chat rows."""
+    if override:
+        tokenizer.chat_template = read_chat_template(override)
+        try:  # a syntax error is the file's fault, not a row's: say so before any row is rendered
+            tokenizer.apply_chat_template([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], tokenize=False)
+        except TemplateError as err:
+            raise ConfigError(f"chat_template={override!r} is not a usable Jinja chat template ({err})") from None
+    ensure_chat_template(tokenizer)
+
+
+def data_cache_dir(cfg: TrainConfig) -> Path | None:
+    if not cfg.data_cache:
+        return None
+    return Path(cfg.data_cache_dir).expanduser() if cfg.data_cache_dir else default_cache_dir()
+
+
 def prepare_data(cfg: TrainConfig, tokenizer):
-    """Tokenized train and eval splits. Runs before the model is loaded, so bad data fails fast."""
-    rows = load_rows(cfg.data)
-    fmt = detect_format(rows, cfg.data)
-    if cfg.eval_data:
-        eval_rows = load_rows(cfg.eval_data)
-        eval_fmt = detect_format(eval_rows, cfg.eval_data)
-    elif cfg.eval_fraction > 0 and len(rows) >= 2:
-        split = rows.train_test_split(test_size=cfg.eval_fraction, seed=cfg.seed)
-        rows, eval_rows, eval_fmt = split["train"], split["test"], fmt
-    else:
-        eval_rows, eval_fmt = None, None
-    train = tokenize_dataset(rows, fmt, tokenizer, cfg.max_seq_len, cfg.train_on_prompt, cfg.data)
-    log(f"data: {train.num_rows} {fmt} rows from {cfg.data}; {train.num_truncated} truncated to {cfg.max_seq_len} tokens, "
-        f"{train.num_dropped} dropped (no response token left)")
-    evals = None
-    if eval_rows is not None:
-        evals = tokenize_dataset(eval_rows, eval_fmt, tokenizer, cfg.max_seq_len, cfg.train_on_prompt, cfg.eval_data or cfg.data)
-        log(f"eval: {len(evals.dataset)} rows ({evals.num_truncated} truncated, {evals.num_dropped} dropped: no response token left)")
-    train_ds = pack_examples(train.dataset, cfg.max_seq_len, cfg.seed) if cfg.packing else train.dataset
-    return train_ds, (evals.dataset if evals else None)
+    """Tokenized train and eval splits. Runs before the model is loaded, so bad data fails fast: every source is
+    loaded and its format found first, then every row of every source is tokenized (or its cache entry mapped)."""
+    choose_chat_template(tokenizer, cfg.chat_template)
+    cache_dir = data_cache_dir(cfg)
+    train_sources, eval_sources = load_sources(cfg.data), load_sources(cfg.eval_data)
+
+    def tokenized(loaded, index: int):
+        src = loaded.source
+        tok = tokenize_cached(loaded.rows, loaded.fmt, tokenizer, cfg.max_seq_len, cfg.train_on_prompt, label=src.path,
+                              split=src.split, subset=src.subset, files=loaded.files, cache_dir=cache_dir)
+        # A column added to the unmapped table stays in memory; after a filter it would be written beside the cache.
+        return tok.add_column("source", [index] * len(tok))
+
+    train_parts, eval_parts = [], []
+    for i, loaded in enumerate(train_sources):
+        train_tok, eval_tok = hold_out(tokenized(loaded, i), 0 if cfg.eval_data else cfg.eval_fraction, cfg.seed)
+        train = keep_trainable(train_tok, loaded.source.path, cfg.max_seq_len)
+        log(f"data: {train.num_rows} {loaded.fmt} rows from {loaded.source.path}; {train.num_truncated} truncated to "
+            f"{cfg.max_seq_len} tokens, {train.num_dropped} dropped (no response token left)")
+        train_parts.append(train.dataset)
+        if eval_tok is not None:
+            eval_parts.append(keep_trainable(eval_tok, loaded.source.path, cfg.max_seq_len))
+    for i, loaded in enumerate(eval_sources):
+        eval_parts.append(keep_trainable(tokenized(loaded, i), loaded.source.path, cfg.max_seq_len))
+    train_ds = mix(train_parts, [s.weight for s in cfg.data], cfg.seed, cfg.mix_strategy)
+    if len(train_parts) > 1:
+        log(f"data mix: {len(train_ds)} training rows, {mix_summary(train_ds, list(cfg.data))}")
+    eval_ds = None
+    if eval_parts:
+        eval_ds = datasets.concatenate_datasets([e.dataset for e in eval_parts])
+        log(f"eval: {len(eval_ds)} rows ({sum(e.num_truncated for e in eval_parts)} truncated, "
+            f"{sum(e.num_dropped for e in eval_parts)} dropped: no response token left)")
+    if cfg.packing:
+        train_ds = pack_examples(train_ds, cfg.max_seq_len, cfg.seed)
+    return train_ds, eval_ds
 
 
 def check_output_dir(cfg: TrainConfig) -> None:
@@ -103,7 +145,8 @@ def preflight(cfg: TrainConfig, world: int, on_gpu: bool) -> Plan:
     check_dependencies()
     dtype = cfg.resolved_dtype(on_gpu)
     raw_ds = read_ds_config(cfg.ds_config)
-    hf_config = check_model_dir(cfg.model)
+    model_dir = resolve_model(cfg.model)
+    hf_config = check_model_dir(model_dir)
     adapter_cfg = cfg.adapter_config().with_groups(hf_config["num_hidden_layers"])
     features = projection_features(hf_config)
     unknown = [t for t in adapter_cfg.target_modules if t not in features]
@@ -134,11 +177,11 @@ def preflight(cfg: TrainConfig, world: int, on_gpu: bool) -> Plan:
             resolved = ds_config(load_universal=True)
     check_output_dir(cfg)
 
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(model_dir)
     train_ds, eval_ds = prepare_data(cfg, tokenizer)
     sampler = GlobalBatchSampler(len(train_ds), global_batch, cfg.seed)
     if resume_dir is not None:
         check_resume_data(resume_dir, cfg.to_dict(), sampler.num_examples)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, int(cfg.epochs * sampler.steps_per_epoch))
-    return Plan(dtype, resolved, adapter_cfg, tokenizer, train_ds, eval_ds, sampler, total_steps, resume_dir, world,
+    return Plan(dtype, resolved, adapter_cfg, tokenizer, train_ds, eval_ds, sampler, total_steps, resume_dir, world, model_dir,
                 hf_config.get("model_type", "llama"), liger)

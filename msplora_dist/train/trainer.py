@@ -178,7 +178,7 @@ class Trainer:
         cfg, plan = self.cfg, self.plan
         if plan.liger:
             apply_liger(plan.model_type)  # patches the model classes: before the model is built
-        model = load_backbone(cfg.model, dtype=plan.dtype, load_in_4bit=cfg.load_in_4bit,
+        model = load_backbone(plan.model_dir, dtype=plan.dtype, load_in_4bit=cfg.load_in_4bit,
                               ds_config=backbone_init_config(plan.ds_config, plan.dtype),
                               gradient_checkpointing=cfg.gradient_checkpointing, attn_implementation=cfg.attn_implementation)
         torch.manual_seed(cfg.seed)  # the same adapter init on every rank

@@ -4,7 +4,7 @@ run, with Unsloth as the anchor. Not a test: it prints a table and writes JSON. 
     python -m tools.trainer_speed --model runs/m7b --data runs/bench7b.jsonl --out runs/trainer_speed.json \\
         --rows zero3-plain,zero3,zero3-liger,zero2,zero2-liger --anchor unsloth
 
---model: a model directory (tools/bench.py --mode make-model --shape 7b writes a random-weight Llama-2-7B shape);
+--model: a model directory (python -m tools.bench --mode make-model --shape 7b writes a random-weight Llama-2-7B shape);
 --data: rows longer than --seq tokens (--mode make-data). Every row: 4-bit NF4 backbone, bf16, gradient
 checkpointing, MSPLoRA (48,16,13) on all 7 projections (40.0 M parameters, LoRA r=16's count at the 7B shape),
 micro-batch --batch x --seq tokens, --steps steps of which the median step speed (the trainer's tokens_per_s)

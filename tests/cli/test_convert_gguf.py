@@ -91,3 +91,18 @@ def test_the_launch_script_is_the_cli(tmp_path):
                           timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         f"error: --gguf {str(tmp_path / 'x.gguf')!r} does not exist or is not a file; expected a .gguf file"]
+
+
+def test_export_refuses_a_gguf_base_with_the_conversion_to_run_and_takes_the_converted_directory(capsys, tmp_path, tiny_gguf):
+    from msplora_dist import MSPLoRAConfig, apply_msplora, save_adapter
+    from msplora_dist.cli.export import main as export_main
+
+    adapter = tmp_path / "adapter"
+    save_adapter(apply_msplora(source_model(), MSPLoRAConfig(ranks=(4, 2, 2), target_modules=("q_proj", "v_proj"))), adapter)
+    capsys.readouterr()
+    assert export_main(["--adapter", str(adapter), "--format", "merged", "--base", str(tiny_gguf), "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a GGUF model; convert it once (python launch/convert_gguf.py --gguf" in err[0], err
+    assert main(["--gguf", str(tiny_gguf), "--out", str(tmp_path / "converted"), "--dtype", "fp32"]) == 0
+    assert export_main(["--adapter", str(adapter), "--format", "merged", "--base", str(tmp_path / "converted"),
+                        "--out", str(tmp_path / "m")]) == 0

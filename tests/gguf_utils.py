@@ -14,7 +14,8 @@ import torch
 
 from msplora_dist.train.config import ASSETS
 
-gguf = pytest.importorskip("gguf", reason="the GGUF tests need `pip install gguf` (in the dev extra)")
+gguf = pytest.importorskip("gguf", reason="the GGUF tests need the [gguf] extra (in [dev]): pip install gguf")
+pytest.importorskip("accelerate", reason="the GGUF tests need the [gguf] extra (in [dev]): pip install accelerate")
 
 TINY = ASSETS / "tiny_llama"
 

@@ -30,7 +30,8 @@ ATTN_IMPLEMENTATIONS = {None: None, "eager": None, "sdpa": None, "flex_attention
 class TrainConfig:
     # --- what to train on -------------------------------------------------------------------------
     model: str = str(ASSETS / "tiny_llama")
-    """A local Hugging Face model directory of a LLaMA-family model (llama, mistral, qwen2)."""
+    """A local Hugging Face model directory of a LLaMA-family model (llama, mistral, qwen2), or a .gguf file of one
+    (or a directory holding exactly one; needs the [gguf] extra)."""
     data: str = str(ASSETS / "data" / "instructions.jsonl")
     """Training data: a .json/.jsonl/.parquet file or a datasets save_to_disk folder. Rows are alpaca
     (instruction, input, output), chat (messages: [{role, content}]) or plain text (text)."""

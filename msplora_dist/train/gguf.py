@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from msplora_dist.adapters.export import first_line
 from msplora_dist.errors import ConfigError
 from msplora_dist.utils.fileio import sha256_file, write_dir_atomically
 
@@ -48,11 +49,6 @@ def find_gguf(path: str | os.PathLike, flag: str = "--model") -> Path | None:
 def source(file: Path) -> tuple[str, dict]:
     """(directory, kwargs) for transformers' from_pretrained of a GGUF file."""
     return str(file.parent), {"gguf_file": file.name}
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _require_packages(file: Path, flag: str) -> None:
@@ -86,7 +82,7 @@ def read_config(file: Path, flag: str = "--model") -> dict:
     try:
         return dict(_config_dict(str(file.resolve()), stat.st_mtime_ns, stat.st_size))
     except _READ_ERRORS as err:
-        raise ConfigError(f"{flag} {str(file)!r} is not a readable GGUF model ({_first_line(err)}); "
+        raise ConfigError(f"{flag} {str(file)!r} is not a readable GGUF model ({first_line(err)}); "
                           "expected a complete .gguf file of a model transformers supports") from None
 
 
@@ -99,7 +95,7 @@ def load_tokenizer(file: Path, flag: str = "--model"):
     try:
         return AutoTokenizer.from_pretrained(directory, **kwargs)
     except _READ_ERRORS as err:
-        raise ConfigError(f"{flag} {str(file)!r}: no usable tokenizer in the GGUF metadata ({_first_line(err)})") from None
+        raise ConfigError(f"{flag} {str(file)!r}: no usable tokenizer in the GGUF metadata ({first_line(err)})") from None
 
 
 def load_kwargs(file: Path) -> dict:
@@ -123,7 +119,7 @@ def load_model(file: Path, dtype: torch.dtype, flag: str = "--model", **kwargs):
     try:
         return AutoModelForCausalLM.from_pretrained(source(file)[0], dtype=dtype, **load_kwargs(file), **kwargs)
     except _READ_ERRORS as err:
-        raise ConfigError(f"{flag} {str(file)!r}: cannot load the GGUF model ({_first_line(err)})") from None
+        raise ConfigError(f"{flag} {str(file)!r}: cannot load the GGUF model ({first_line(err)})") from None
 
 
 def plain_model(model):

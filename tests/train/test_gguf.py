@@ -112,6 +112,15 @@ def test_a_gguf_of_an_unsupported_architecture_is_one_line(capsys, tmp_path, arc
     assert fragment in _refused(capsys, tmp_path, file)
 
 
+def test_a_gguf_base_without_its_packages_names_the_extra(capsys, tmp_path, tiny_gguf, monkeypatch):
+    from msplora_dist.train import gguf
+
+    monkeypatch.setattr(gguf, "NEEDED_PACKAGES", ("gguf", "no_such_package_for_this_test"))
+    err = _refused(capsys, tmp_path, tiny_gguf)
+    assert "is a GGUF file, and reading it needs the no_such_package_for_this_test package(s)" in err
+    assert "pip install 'msplora_dist[gguf]'" in err
+
+
 def test_4bit_on_a_gguf_base_is_refused_with_the_conversion_to_run(capsys, tmp_path, tiny_gguf):
     err = _refused(capsys, tmp_path, tiny_gguf, "--load_in_4bit", "true")
     assert "--load_in_4bit with the GGUF base" in err and "python launch/convert_gguf.py --gguf" in err

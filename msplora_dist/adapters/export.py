@@ -270,11 +270,19 @@ def _check_signature(saved: dict, ours: dict, features: dict[str, list[int]], ba
             )
 
 
+def refuse_gguf(path: Path) -> None:
+    """Training reads a GGUF base (msplora_dist.train.gguf); merging and serving want a plain directory."""
+    if path.suffix.lower() == ".gguf" or (path.is_dir() and any(path.glob("*.gguf"))):
+        raise CheckpointError(f"base model {str(path)!r} is a GGUF model; convert it once (python launch/convert_gguf.py "
+                              f"--gguf {str(path)!r} --out DIR), which gives the same logits, and pass DIR")
+
+
 def _base_config(base: str | os.PathLike):
     from transformers import AutoConfig
 
     path = Path(base)
     if not (path / "config.json").is_file():
+        refuse_gguf(path)
         raise CheckpointError(f"base model {str(path)!r} has no config.json; expected a local Hugging Face model directory")
     try:
         return AutoConfig.from_pretrained(path)

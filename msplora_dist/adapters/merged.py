@@ -20,6 +20,7 @@ from msplora_dist.adapters.export import (
     _check_out,
     _readable_modes,
     first_line,
+    refuse_gguf,
 )
 from msplora_dist.adapters.inject import merge_and_unload
 from msplora_dist.adapters.io import load_adapter, read_adapter_config
@@ -135,6 +136,7 @@ def export_merged(adapter_dir: str | os.PathLike, base_dir: str | os.PathLike, o
     base = Path(base_dir)
     out = _check_out(out_dir, [adapter_dir, base_dir], overwrite)
     _, meta = read_adapter_config(adapter_dir)
+    refuse_gguf(base)
     if not base.is_dir():
         raise CheckpointError(f"base model directory {str(base)!r} does not exist; expected a local Hugging Face model directory")
     _precheck_base(meta, base)

@@ -5,6 +5,10 @@ under deepspeed.zero.Init), so no rank ever holds the whole model. A 4-bit backb
 transformers while loading (NF4, double quantization) with its packed storage in the compute dtype, a
 floating-point tensor that ZeRO-3 can partition; each rank holds the 4-bit model briefly before
 deepspeed.initialize partitions it (transformers does not quantize under zero.Init).
+
+A GGUF file (or a directory holding one .gguf) is a base too: msplora_dist.train.gguf reads its config,
+tokenizer and weights, unpacked to the run's dtype. transformers loads a GGUF outside zero.Init (as a
+4-bit model), so under ZeRO-3 each rank holds it whole until deepspeed.initialize partitions it.
 """
 
 from __future__ import annotations
@@ -15,16 +19,22 @@ from pathlib import Path
 import torch
 
 from msplora_dist.errors import ConfigError
+from msplora_dist.train import gguf
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def check_model_dir(path: str | Path) -> dict:
-    """The model's config.json, after checking the directory is a complete LLaMA-family checkpoint."""
+    """The model's config.json (a GGUF base: its config read from the file), after checking the directory is a
+    complete LLaMA-family checkpoint."""
     path = Path(path)
+    gguf_file = gguf.find_gguf(path)
+    if gguf_file is not None:
+        return check_llama_family(path, gguf.read_config(gguf_file))
     if not path.is_dir():
-        raise ConfigError(f"--model {str(path)!r} is not a directory; expected a local Hugging Face model directory")
+        raise ConfigError(f"--model {str(path)!r} is not a directory; expected a local Hugging Face model directory "
+                          f"or a {gguf.SUFFIX} file")
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ConfigError(f"--model {str(path)!r} has no config.json; expected a Hugging Face model directory (save_pretrained)")
@@ -32,10 +42,7 @@ def check_model_dir(path: str | Path) -> dict:
         hf_config = json.loads(config_file.read_text())
     except json.JSONDecodeError as err:
         raise ConfigError(f"{str(config_file)!r} is not valid JSON ({err})") from None
-    model_type = hf_config.get("model_type")
-    if model_type not in LLAMA_FAMILY:
-        raise ConfigError(f"--model {str(path)!r} is a {model_type!r} model; "
-                          f"expected a LLaMA-family model_type, one of {list(LLAMA_FAMILY)}")
+    check_llama_family(path, hf_config)
     weights = list(path.glob("*.safetensors")) + list(path.glob("pytorch_model*.bin"))
     if not weights:
         raise ConfigError(f"--model {str(path)!r} has no weights (*.safetensors or pytorch_model*.bin)")
@@ -47,13 +54,25 @@ def check_model_dir(path: str | Path) -> dict:
     return hf_config
 
 
+def check_llama_family(path: Path, hf_config: dict) -> dict:
+    model_type = hf_config.get("model_type")
+    if model_type not in LLAMA_FAMILY:
+        raise ConfigError(f"--model {str(path)!r} is a {model_type!r} model; "
+                          f"expected a LLaMA-family model_type, one of {list(LLAMA_FAMILY)}")
+    return hf_config
+
+
 def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"--model {str(path)!r}: no usable tokenizer ({err})") from None
+    gguf_file = gguf.find_gguf(path)
+    if gguf_file is not None:
+        tokenizer = gguf.load_tokenizer(gguf_file)
+    else:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(path))
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"--model {str(path)!r}: no usable tokenizer ({err})") from None
     if tokenizer.eos_token_id is None:
         raise ConfigError(f"the tokenizer of {str(path)!r} has no eos token; expected one, so the model learns to stop")
     # The trainer truncates to its own max_seq_len after tokenizing; the tokenizer's limit would only
@@ -81,6 +100,9 @@ def load_backbone(path: str | Path, *, dtype: str, load_in_4bit: bool, ds_config
     from transformers import AutoModelForCausalLM
 
     check_model_dir(path)
+    gguf_file = gguf.find_gguf(path)
+    if gguf_file is not None and load_in_4bit:
+        raise gguf_4bit_refused(gguf_file)
     torch_dtype = DTYPES[dtype]
     kwargs = {"dtype": torch_dtype}
     if attn_implementation:
@@ -89,11 +111,11 @@ def load_backbone(path: str | Path, *, dtype: str, load_in_4bit: bool, ds_config
     hf_ds_config = None  # transformers holds it by weak reference: this name keeps it alive while loading
     if load_in_4bit:
         kwargs["quantization_config"] = quantization_config(torch_dtype)
-    elif zero3:
+    elif zero3 and gguf_file is None:
         from transformers.integrations import HfDeepSpeedConfig
 
         hf_ds_config = HfDeepSpeedConfig(ds_config)
-    model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    model = gguf.load_model(gguf_file, **kwargs) if gguf_file else AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     del hf_ds_config
     model.config.use_cache = False
     for p in model.parameters():
@@ -104,6 +126,12 @@ def load_backbone(path: str | Path, *, dtype: str, load_in_4bit: bool, ds_config
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
+
+def gguf_4bit_refused(file: Path) -> ConfigError:
+    # transformers refuses a quantization_config beside a gguf_file, and quantizing the unpacked model
+    # afterwards would hold it whole in the compute dtype first: a converted directory loads 4-bit directly.
+    return ConfigError(f"--load_in_4bit with the GGUF base {str(file)!r}: transformers cannot quantize a GGUF while loading it; "
+                       f"convert it once (python launch/convert_gguf.py --gguf {str(file)!r} --out DIR) and pass --model DIR")
 
 
 def projection_features(hf_config: dict) -> dict[str, tuple[int, int]]:

@@ -85,8 +85,9 @@ class DataSource:
 class TrainConfig:
     # --- what to train on -------------------------------------------------------------------------
     model: str = str(ASSETS / "tiny_llama")
-    """A LLaMA-family model (llama, mistral, qwen2, qwen3): a local Hugging Face model directory or a Hub name
-    (downloaded into the Hugging Face cache; with HF_HUB_OFFLINE=1 taken from the cache only)."""
+    """A LLaMA-family model (llama, mistral, qwen2, qwen3): a local Hugging Face model directory, a Hub name
+    (downloaded into the Hugging Face cache; with HF_HUB_OFFLINE=1 taken from the cache only), or a .gguf file
+    of one (or a directory holding exactly one; needs the [gguf] extra)."""
     data: tuple[DataSource, ...] = (DataSource(str(ASSETS / "data" / "instructions.jsonl")),)
     """Training data: one source or several, comma-separated, each a .json/.jsonl/.parquet file, a datasets
     folder or a Hub dataset name, with an optional mixing weight (a.jsonl:0.7,b.parquet:0.3; a YAML list of

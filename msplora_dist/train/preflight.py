@@ -16,7 +16,15 @@ from jinja2 import TemplateError
 from msplora_dist.adapters.config import MSPLoRAConfig
 from msplora_dist.dist.ds_config import read_ds_config, resolve_ds_config, zero_stage
 from msplora_dist.errors import ConfigError
-from msplora_dist.train.backbone import DTYPES, check_model_dir, load_tokenizer, projection_features, quantization_config
+from msplora_dist.train import gguf
+from msplora_dist.train.backbone import (
+    DTYPES,
+    check_model_dir,
+    gguf_4bit_refused,
+    load_tokenizer,
+    projection_features,
+    quantization_config,
+)
 from msplora_dist.train.cache import default_cache_dir, tokenize_cached
 from msplora_dist.train.config import ATTN_IMPLEMENTATIONS, TrainConfig
 from msplora_dist.train.data import GlobalBatchSampler, ensure_chat_template, keep_trainable, pack_examples
@@ -154,6 +162,8 @@ def preflight(cfg: TrainConfig, world: int, on_gpu: bool) -> Plan:
         raise ConfigError(f"target_modules {unknown} are not projections of a {hf_config['model_type']} model; "
                           f"expected some of {list(features)}")
     if cfg.load_in_4bit:
+        if (gguf_file := gguf.find_gguf(cfg.model)) is not None:
+            raise gguf_4bit_refused(gguf_file)
         quantization_config(DTYPES[dtype])  # bitsandbytes importable and usable
     needed = ATTN_IMPLEMENTATIONS.get(cfg.attn_implementation)
     if needed and importlib.util.find_spec(needed) is None:

@@ -12,6 +12,8 @@ import os
 import pytest
 import torch
 
+from msplora_dist.dist.process import shutdown_distributed
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -77,3 +79,13 @@ def _randomize_adapters(model, seed: int = 1, std: float = 0.1) -> None:
 def randomize_adapters():
     """Factory: randomize_adapters(model, seed=1, std=0.1) fills every A and B with seeded noise."""
     return _randomize_adapters
+
+
+# The in-process trainer tests (tests/train, tests/cli, ...) share one process group: DeepSpeed keeps its
+# communication backend for the life of the process, so a group destroyed after one test module could not be
+# started again for the next. It is shut down (with the CPU all-reduce segments it leaves in /dev/shm) once, at
+# the end of the session.
+@pytest.fixture(scope="session", autouse=True)
+def _process_group_for_the_session():
+    yield
+    shutdown_distributed()

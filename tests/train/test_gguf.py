@@ -150,17 +150,9 @@ def test_resuming_on_a_gguf_base_checks_the_checkpoints_model(capsys, tmp_path, 
 
 @pytest.fixture(scope="module")
 def world_of_one():
-    """One process group for this module's trainers (DeepSpeed keeps groups of a destroyed one, so it is not
-    re-created per test), with the variables init_distributed would set restored afterwards."""
-    from msplora_dist.dist.process import shutdown_distributed
-    from tests.launch_utils import free_port
-
-    with pytest.MonkeyPatch.context() as patch:
-        for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                           "MASTER_PORT": str(free_port())}.items():
-            patch.setenv(key, value)
-        yield
-        shutdown_distributed()
+    """A world of one: init_distributed sets the launcher's variables when they are absent, and the process group
+    is the session's (tests/conftest.py), kept for the later in-process trainer tests."""
+    return
 
 
 def _train(model, output_dir, ds_config):

@@ -10,7 +10,6 @@ import shutil
 
 import pytest
 
-from msplora_dist.dist.process import shutdown_distributed
 from msplora_dist.errors import ConfigError
 from msplora_dist.train.config import ASSETS, parse_config
 from msplora_dist.train.trainer import Trainer
@@ -18,12 +17,6 @@ from msplora_dist.train.trainer import Trainer
 DATA = ASSETS / "data"
 FAST = ["--max_steps", "2", "--micro_batch_size", "4", "--eval_steps", "0", "--analyze", "false", "--max_seq_len", "96",
         "--ds_config", "ds_configs/zero2.json", "--dropout", "0", "--seed", "1"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def process_group():
-    yield
-    shutdown_distributed()
 
 
 def train(tmp_path, *args) -> Trainer:

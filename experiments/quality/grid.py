@@ -394,7 +394,7 @@ class GridRun:
         def stop(signum, frame):
             raise SystemExit(f"grid: signal {signum}")
 
-        signal.signal(signal.SIGTERM, stop)
+        previous = signal.signal(signal.SIGTERM, stop)
         try:
             while True:
                 self.reap()
@@ -412,6 +412,7 @@ class GridRun:
                 worker.request_stop()
             for worker in idle:
                 worker.stop()
+            signal.signal(signal.SIGTERM, previous)  # a caller in the same process (a test) gets its handler back
         left = self.pending(skip_started=False)  # cells killed at the deadline count as left
         c = self.counts
         c.update(pending=len(left), seconds=round(time.perf_counter() - self.t0, 1))

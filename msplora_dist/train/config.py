@@ -200,6 +200,12 @@ class TrainConfig:
     """Optional YAML file of any of these fields; command-line flags override it."""
 
     def __post_init__(self):
+        # The Python API takes what the command line takes: a path, "a.jsonl:0.7,b.parquet:0.3", a list of them
+        # or of DataSource (None for no eval data).
+        for name in ("data", "eval_data"):
+            value = getattr(self, name)
+            if not (isinstance(value, tuple) and all(isinstance(s, DataSource) for s in value)):
+                setattr(self, name, _convert(name, value, tuple[DataSource, ...]) if value is not None else ())
         for name in ("micro_batch_size", "grad_accum", "keep_last", "log_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)}: expected an integer >= 1")

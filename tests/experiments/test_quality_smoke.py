@@ -231,7 +231,7 @@ def test_a_cells_config_is_the_command_it_records(tmp_path):
     cfg = TrainConfig(**values)
     assert parse_config(argv[2:]) == cfg  # the recorded command trains exactly the cell
     assert (cfg.ranks, cfg.target_modules, cfg.lr, cfg.seed, cfg.alphas) == ((4, 2, 1), grid.QV, 3e-4, 2, (16.0,) * 3)
-    assert cfg.eval_data == str(tmp_path / "task" / "test.jsonl")
+    assert [s.path for s in cfg.eval_data] == [str(tmp_path / "task" / "test.jsonl")]
     assert cfg.output_dir == str(tmp_path / "grid" / "cells" / "msp__final__lr0.0003__s2")
 
 

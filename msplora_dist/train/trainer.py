@@ -199,7 +199,7 @@ class Trainer:
             model=model, model_parameters=list(adapter_params(model).values()), config=plan.ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
         )
-        zero.persist_adapters(engine.module)
+        zero.persist_adapters(engine.module, engine.optimizer)
         zero.check_adapters_replicated(engine.module, plan.ds_config)
         check_adapters_fp32(engine.module)
         return engine, scheduler

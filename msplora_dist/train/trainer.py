@@ -292,7 +292,7 @@ class Trainer:
             replicas_identical = len(set(digests)) == 1
             if not replicas_identical:
                 raise RuntimeError("the adapter replicas differ across ranks after training; this is a bug, please report it")
-            save_adapter(engine.module, self.output_dir / "adapter")
+            save_adapter(engine.module, self.output_dir / "adapter", base_model=Path(cfg.model).resolve())
             if cfg.analyze:
                 from msplora_dist.analysis import analyze_model, tensorboard_scalars, write_report
 

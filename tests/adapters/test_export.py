@@ -219,7 +219,7 @@ def test_export_without_base_uses_the_base_the_adapter_records(all7, fp_base, tm
     assert report.base == str(fp_base) and report.note is None
     assert json.loads((tmp_path / "peft" / PEFT_CONFIG_NAME).read_text())["base_model_name_or_path"] == str(fp_base)
     commands = report.serving_commands()
-    assert "BASE_MODEL" not in commands and f"LLM(model={str(fp_base)!r}" in commands and f"vllm serve {fp_base} " in commands
+    assert "BASE_MODEL" not in commands and f"LLM(model={str(fp_base)!r}" in commands and f"--model {fp_base} " in commands
     merged = export_merged(tmp_path / "adapter", None, tmp_path / "merged", dtype="fp32")
     assert merged.base == str(fp_base)
     torch.testing.assert_close(logits(load(tmp_path / "merged"), torch.tensor([[5, 6, 7]])), logits(ours, torch.tensor([[5, 6, 7]])))
@@ -550,7 +550,7 @@ def test_script_exports_and_prints_the_vllm_commands_and_refuses_bad_input(all7,
     rc, stdout, stderr = results["good"]
     assert rc == 0, stderr
     assert "max_lora_rank=8" in stdout and "--max-lora-rank 8" in stdout
-    assert "LoRARequest('adapter', 1, " in stdout and "vllm serve" in stdout and str(good_out) in stdout
+    assert "LoRARequest('adapter', 1, " in stdout and "vllm.entrypoints.openai.api_server" in stdout and str(good_out) in stdout
     assert json.loads((good_out / PEFT_CONFIG_NAME).read_text())["r"] == 7
     rc, stdout, stderr = _run_main(main, capfd, "--adapter", big, "--format", "peft", "--out", tmp_path / "big", "--max_rank", "300")
     assert rc == 0, stderr

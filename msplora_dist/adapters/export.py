@@ -35,6 +35,7 @@ from msplora_dist.adapters.io import (
     read_adapter_config,
     read_adapter_weights,
 )
+from msplora_dist.adapters.serving import serving_commands
 from msplora_dist.errors import CheckpointError, ConfigError
 from msplora_dist.utils.fileio import write_dir_atomically
 
@@ -73,19 +74,18 @@ def vllm_max_lora_rank(r: int) -> int:
     )
 
 
-def serving_commands(out_dir: str | os.PathLike, max_lora_rank: int, base: str | None = None, name: str = "adapter") -> str:
-    """How to serve the exported LoRA with vLLM (offline and OpenAI-compatible server)."""
-    path = str(Path(out_dir).resolve())
-    model = base if base is not None else "BASE_MODEL"
-    return "\n".join([
-        "vLLM, offline:",
-        "    from vllm import LLM, SamplingParams",
-        "    from vllm.lora.request import LoRARequest",
-        f"    llm = LLM(model={model!r}, enable_lora=True, max_lora_rank={max_lora_rank})",
-        f"    outputs = llm.generate(prompts, SamplingParams(max_tokens=256), lora_request=LoRARequest({name!r}, 1, {path!r}))",
-        "vLLM, server:",
-        f"    vllm serve {shlex.quote(model)} --enable-lora --max-lora-rank {max_lora_rank} --lora-modules {shlex.quote(f'{name}={path}')}",
-    ])
+def resolve_base(adapter_dir: str | os.PathLike, base: str | os.PathLike | None) -> tuple[str | None, str | None]:
+    """(base to use, why none): `base` when given; otherwise the base_model the trainer recorded in the adapter's
+    msplora_config.json when it is a directory here (else None, with the reason when one was recorded)."""
+    if base is not None:
+        return str(base), None
+    _, meta = read_adapter_config(adapter_dir)
+    recorded = meta.get("base_model")
+    if recorded is None:
+        return None, None
+    if Path(recorded).is_dir():
+        return str(recorded), None
+    return None, f"the adapter records its base model as {recorded!r}, which is not a directory here"
 
 
 # ---------------------------------------------------------------------------- reading an adapter
@@ -373,6 +373,8 @@ class ExportReport:
     """(merged) the base was a bitsandbytes 4-bit checkpoint and was dequantized."""
     tokenizer: bool = False
     """(merged) the base's tokenizer was saved beside the model."""
+    note: str | None = None
+    """Printed before the serving commands (a recorded base that is not here)."""
 
     _PEFT_ONLY = ("rank", "source_rank", "max_rank", "exact", "vllm_max_lora_rank", "relative_errors", "max_error", "max_error_at")
     _MERGED_ONLY = ("dtype", "dequantized", "tokenizer")
@@ -388,7 +390,8 @@ class ExportReport:
         if self.format == "peft":
             return serving_commands(self.out_dir, self.vllm_max_lora_rank, self.base)
         path = str(Path(self.out_dir).resolve())
-        return "\n".join(["vLLM, offline:", f"    llm = LLM(model={path!r})", "vLLM, server:", f"    vllm serve {shlex.quote(path)}"])
+        return "\n".join(["vLLM, offline:", f"    llm = LLM(model={path!r})", "vLLM, OpenAI-compatible server:",
+                          f"    python -m vllm.entrypoints.openai.api_server --model {shlex.quote(path)}"])
 
     def __str__(self) -> str:
         lines = []
@@ -410,6 +413,8 @@ class ExportReport:
             lines.append(f"exported the merged model in {self.dtype}{extra} to {self.out_dir}")
             if not self.tokenizer:
                 lines.append("note: the base has no tokenizer files; none was saved")
+        if self.note:
+            lines.append(self.note)
         lines.append(self.serving_commands())
         return "\n".join(lines)
 
@@ -445,11 +450,14 @@ def peft_adapter_config(rank: int, target_modules, base: str | None = None) -> d
 def export_peft(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, base: str | os.PathLike | None = None,
                 max_rank: int | None = None, *, overwrite: bool = False) -> ExportReport:
     """Write the adapter as a plain PEFT LoRA to `out_dir` (adapter_config.json, adapter_model.safetensors,
-    export_report.json). max_rank: truncate each layer's update by SVD to at most that rank."""
+    export_report.json). max_rank: truncate each layer's update by SVD to at most that rank. base: the base
+    model directory; None takes the one the trainer recorded in the adapter (resolve_base)."""
     if max_rank is not None and (not isinstance(max_rank, int) or isinstance(max_rank, bool) or max_rank < 1):
         raise ConfigError(f"--max_rank {max_rank!r}: expected an integer >= 1")
     if max_rank is not None and max_rank > VLLM_MAX_LORA_RANKS[-1]:
         raise ConfigError(f"--max_rank {max_rank}: vLLM accepts at most max_lora_rank={VLLM_MAX_LORA_RANKS[-1]}; expected <= 512")
+    base, why_none = resolve_base(adapter_dir, base)
+    note = None if why_none is None else f"note: {why_none}; pass --base MODEL_DIR to check the adapter against it and to print it below"
     out = _check_out(out_dir, [adapter_dir, base], overwrite)
     config, meta, state = read_adapter(adapter_dir)
     num_layers = meta["num_layers"]
@@ -468,7 +476,7 @@ def export_peft(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, base
     report = ExportReport(
         format="peft", out_dir=str(out), adapter_dir=str(adapter_dir), base=None if base is None else str(base),
         rank=rank, source_rank=source_rank, max_rank=max_rank, exact=rank >= source_rank, vllm_max_lora_rank=vllm_rank,
-        relative_errors=errors, max_error=max_error, max_error_at=at if rank < source_rank else None,
+        relative_errors=errors, max_error=max_error, max_error_at=at if rank < source_rank else None, note=note,
     )
 
     def write(tmp: Path) -> None:

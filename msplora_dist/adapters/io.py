@@ -1,7 +1,8 @@
 """The adapter checkpoint: a directory with
 
     adapter_model.safetensors  global.{t}.lora_A/B, mid.{g}.{t}.lora_A/B, layer.{l}.{t}.lora_A/B, each once
-    msplora_config.json        the MSPLoRAConfig, explicit group ranges, and the base model's signature
+    msplora_config.json        the MSPLoRAConfig, explicit group ranges, the base model's signature and, when
+                               the writer knows it, the base model's path (base_model)
 
 Written atomically: into a temporary sibling directory, fsynced, then renamed over the target, so a
 reader sees the old adapter or the new one, never half of one.
@@ -48,20 +49,24 @@ def adapter_state_dict(model: nn.Module, *, gather: Gather = no_gather) -> dict[
         return {k: p.detach().to("cpu", copy=True).contiguous() for k, p in params.items()}
 
 
-def adapter_metadata(model: nn.Module) -> dict:
+def adapter_metadata(model: nn.Module, base_model: str | os.PathLike | None = None) -> dict:
     h = get_hierarchy(model)
     meta = {"format_version": FORMAT_VERSION}
     meta.update(h.config.to_dict())
     meta["num_layers"] = h.num_layers
     meta["signature"] = h.model_signature
+    if base_model is not None:  # what the export serves the adapter on when it is not told (adapters/export.py)
+        meta["base_model"] = str(base_model)
     return meta
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike, *, gather: Gather = no_gather) -> Path:
+def save_adapter(model: nn.Module, path: str | os.PathLike, *, gather: Gather = no_gather,
+                 base_model: str | os.PathLike | None = None) -> Path:
     """Write the adapter hierarchy of `model` to directory `path` (every rank may call it; under
-    torch.distributed only rank 0 writes, after all ranks have gathered)."""
+    torch.distributed only rank 0 writes, after all ranks have gathered). base_model: the base model's path
+    or hub name, recorded in msplora_config.json for the export and for the reader."""
     state = adapter_state_dict(model, gather=gather)
-    meta = adapter_metadata(model)
+    meta = adapter_metadata(model, base_model)
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return Path(path)
 

@@ -21,6 +21,7 @@ from msplora_dist.adapters.export import (
     _readable_modes,
     first_line,
     refuse_gguf,
+    resolve_base,
 )
 from msplora_dist.adapters.inject import merge_and_unload
 from msplora_dist.adapters.io import load_adapter, read_adapter_config
@@ -131,8 +132,10 @@ def export_merged(adapter_dir: str | os.PathLike, base_dir: str | os.PathLike, o
     model in `dtype` (bf16, fp16 or fp32) with the base's tokenizer to `out_dir`."""
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    base_dir, why_none = resolve_base(adapter_dir, base_dir)
     if base_dir is None:
-        raise ConfigError("--format merged needs --base MODEL_DIR (the base model the adapter was trained on)")
+        raise ConfigError(f"--format merged needs --base MODEL_DIR, the base model the adapter was trained on "
+                          f"({why_none or 'this adapter does not record it'})")
     base = Path(base_dir)
     out = _check_out(out_dir, [adapter_dir, base_dir], overwrite)
     _, meta = read_adapter_config(adapter_dir)

@@ -59,5 +59,10 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The console entry point (msplora-analyze)."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

@@ -1,14 +1,15 @@
 """Export an MSPLoRA adapter for serving.
 
     python launch/export.py --adapter DIR --format peft --out DIR [--base MODEL_DIR] [--max_rank K]
-    python launch/export.py --adapter DIR --format merged --base MODEL_DIR --out DIR [--dtype bf16|fp16|fp32]
+    python launch/export.py --adapter DIR --format merged --out DIR [--base MODEL_DIR] [--dtype bf16|fp16|fp32]
 
 peft:   a plain LoRA in PEFT's format (adapter_config.json + adapter_model.safetensors), what vLLM and
         PeftModel.from_pretrained load. Exact (rank r_G + r_M + r_L) unless --max_rank K is smaller, then each
         layer's update is truncated by SVD and its relative error is printed and written to export_report.json.
-        Prints the vLLM max_lora_rank to use and the serving commands. --base (optional) reads the module
-        paths from the base model and checks the adapter against it; without it the Llama layout is assumed.
-merged: the base model with every update folded into its weights (a 4-bit base is dequantized), saved as a
+        Prints the vLLM max_lora_rank to use and the serving commands. The base model (--base, or by default
+        the one the trainer recorded in the adapter's msplora_config.json) gives the module paths and the adapter
+        is checked against it; with neither the Llama layout is assumed.
+merged: the base model (--base, or the recorded one) with every update folded into its weights (a 4-bit base is dequantized), saved as a
         Hugging Face model directory with the base's tokenizer.
 
 --out is written atomically: on any error nothing is left there and an existing directory is untouched.
@@ -38,7 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--adapter", required=True, help="MSPLoRA adapter directory (written by save_adapter)")
     p.add_argument("--format", required=True, choices=("peft", "merged"))
     p.add_argument("--out", required=True, help="output directory (written atomically)")
-    p.add_argument("--base", default=None, help="base model directory (required for merged)")
+    p.add_argument("--base", default=None, help="base model directory (default: the one the trainer recorded in the adapter)")
     p.add_argument("--max_rank", type=int, default=None, help="peft: truncate each layer's update to this rank by SVD")
     p.add_argument("--dtype", default=None, choices=("bf16", "fp16", "fp32"), help="merged: saved dtype (default bf16)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out that holds no previous export")
@@ -59,8 +60,6 @@ def main(argv=None) -> int:
         else:
             if args.max_rank is not None:
                 raise ConfigError("--max_rank applies to --format peft; the merged export is exact")
-            if args.base is None:
-                raise ConfigError("--format merged needs --base MODEL_DIR (the base model the adapter was trained on)")
             report = export_merged(args.adapter, args.base, args.out, dtype=args.dtype or "bf16", overwrite=args.overwrite)
     except UserError as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
@@ -69,5 +68,10 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The console entry point (msplora-export)."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

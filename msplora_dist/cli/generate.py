@@ -1,13 +1,14 @@
 """Sample a response from a base model, optionally with an MSPLoRA adapter.
 
-    python launch/generate.py --model MODEL_DIR [--adapter ADAPTER_DIR] --prompt "..." \
+    python launch/generate.py [--model MODEL_DIR] [--adapter ADAPTER_DIR] --prompt "..." \
         [--input "..."] [--max_new_tokens 128] [--temperature 0.7] [--top_p 0.9] [--seed 0] [--chat] [--system "..."]
 
 The prompt is formatted as in training: msplora_dist.train.prompts.alpaca_prompt(prompt, input) by default; with
 --chat a one-turn conversation through the tokenizer's chat template (msplora_dist.train.prompts.DEFAULT_CHAT_TEMPLATE
 when it has none) with the generation prompt appended. --temperature 0 is greedy decoding (deterministic).
-Only the response is printed. A 4-bit base directory is loaded 4-bit (bitsandbytes). Bad input prints one
-line `error: ...` to stderr and exits with status 2.
+Without --model, the base model the trainer recorded in the adapter. Only the response is printed. A 4-bit
+base directory is loaded 4-bit (bitsandbytes). Bad input prints one line `error: ...` to stderr and exits
+with status 2.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ class _Parser(argparse.ArgumentParser):
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = _Parser(description="Sample from a base model with an optional MSPLoRA adapter.")
-    p.add_argument("--model", required=True, help="base model directory (Hugging Face format)")
+    p.add_argument("--model", default=None, help="base model directory (Hugging Face format; default: the one the adapter records)")
     p.add_argument("--adapter", default=None, help="MSPLoRA adapter directory (written by save_adapter)")
     p.add_argument("--prompt", required=True, help="the instruction (or, with --chat, the user message)")
     p.add_argument("--input", default="", help="alpaca input field (not with --chat)")
@@ -80,38 +81,55 @@ def generate(model, tokenizer, text: str, *, add_special_tokens: bool = True, ma
     return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
+def check_sampling_args(args: argparse.Namespace) -> None:
+    """The sampling flags generate and chat share, checked before anything loads."""
+    from msplora_dist.errors import ConfigError
+
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max_new_tokens {args.max_new_tokens}: expected >= 1")
+    if args.temperature < 0:
+        raise ConfigError(f"--temperature {args.temperature}: expected >= 0 (0 is greedy)")
+    if not 0 < args.top_p <= 1:
+        raise ConfigError(f"--top_p {args.top_p}: expected 0 < top_p <= 1")
+
+
+def load_for_sampling(model_dir: str | None, adapter: str | None, dtype_name: str = "auto", device: str = "auto"):
+    """(model, tokenizer) of base `model_dir` with `adapter` loaded, in eval mode. Without `model_dir`, the base
+    the trainer recorded in the adapter."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from msplora_dist.adapters.export import first_line, resolve_base
+    from msplora_dist.adapters.io import load_adapter
+    from msplora_dist.adapters.merged import load_base_model
+    from msplora_dist.errors import CheckpointError, ConfigError
+
+    if model_dir is None:
+        model_dir, why_none = resolve_base(adapter, None) if adapter is not None else (None, None)
+        if model_dir is None:
+            raise ConfigError(f"--model MODEL_DIR is needed ({why_none or 'no --adapter that records its base model'})")
+    device = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    dtype = dtypes.get(dtype_name) or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    model, _ = load_base_model(model_dir, dtype, dequantize=False, device=device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"cannot load the tokenizer of {model_dir!r}: {first_line(err)}") from None
+    if adapter is not None:
+        model = load_adapter(model, adapter)
+    return model.eval(), tokenizer
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import torch
-
-    from msplora_dist.errors import CheckpointError, ConfigError, UserError
+    from msplora_dist.errors import ConfigError, UserError
 
     try:
-        if args.max_new_tokens < 1:
-            raise ConfigError(f"--max_new_tokens {args.max_new_tokens}: expected >= 1")
-        if args.temperature < 0:
-            raise ConfigError(f"--temperature {args.temperature}: expected >= 0 (0 is greedy)")
-        if not 0 < args.top_p <= 1:
-            raise ConfigError(f"--top_p {args.top_p}: expected 0 < top_p <= 1")
+        check_sampling_args(args)
         if args.chat and args.input:
             raise ConfigError("--input is the alpaca input field; with --chat put everything in --prompt")
-        device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-        dtype = dtypes.get(args.dtype) or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-
-        from transformers import AutoTokenizer
-
-        from msplora_dist.adapters.export import first_line
-        from msplora_dist.adapters.io import load_adapter
-        from msplora_dist.adapters.merged import load_base_model
-
-        model, _ = load_base_model(args.model, dtype, dequantize=False, device=device)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(args.model)
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise CheckpointError(f"cannot load the tokenizer of {args.model!r}: {first_line(err)}") from None
-        if args.adapter is not None:
-            model = load_adapter(model, args.adapter).eval()
+        model, tokenizer = load_for_sampling(args.model, args.adapter, args.dtype, args.device)
         text, special = format_prompt(tokenizer, args.prompt, input=args.input, chat=args.chat, system=args.system)
         response = generate(model, tokenizer, text, add_special_tokens=special, max_new_tokens=args.max_new_tokens,
                             temperature=args.temperature, top_p=args.top_p, seed=args.seed)
@@ -122,5 +140,10 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The console entry point (msplora-generate)."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

@@ -24,20 +24,28 @@ from __future__ import annotations
 import os
 import sys
 
-from msplora_dist.dist.process import shutdown_distributed
+from msplora_dist.cli.output import quiet_libraries, train_device_line
 from msplora_dist.errors import RunStopped, UserError
-from msplora_dist.train.config import parse_config
-from msplora_dist.train.trainer import Trainer
+from msplora_dist.utils.log import log
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the flags, train, and map the outcome to an exit status: 0 done, 2 bad input, 3 stopped itself (non-finite
     steps), 4 a checkpoint could not be written, 128 + n stopped by signal n (143 SIGTERM, 130 SIGINT) after a checkpoint."""
+    quiet_libraries()  # before deepspeed is imported: its import already logs
+    from msplora_dist.dist.process import shutdown_distributed
+    from msplora_dist.train.config import parse_config
+    from msplora_dist.train.trainer import Trainer
+
     # Every rank reports: an error on one rank alone (a node-local path) must not go unsaid.
     rank = int(os.environ.get("RANK", "0"))
     prefix = f"error (rank {rank}): " if rank else "error: "
     try:
-        Trainer(parse_config(argv)).fit()
+        cfg = parse_config(argv)
+        line = train_device_line()
+        if line:
+            log(line)
+        Trainer(cfg).fit()
     except UserError as err:
         print(f"{prefix}{err}", file=sys.stderr, flush=True)
         return 2

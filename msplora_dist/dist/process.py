@@ -66,3 +66,25 @@ def shutdown_distributed() -> None:
     finally:  # also when a dead peer makes the teardown fail
         for rank in range(world):
             cpu_allreduce_buffer(rank).unlink(missing_ok=True)
+
+
+def shm_op_build_pending() -> bool:
+    """Whether DeepSpeed will compile its CPU shared-memory collectives op (deepspeed_shm_comm) when this process
+    starts its process group: on a CPU, the first start on a machine, until torch's extension cache holds it
+    (a minute or more with no output)."""
+    if torch.cuda.is_available():
+        return False
+    import sys
+
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.git_version_info import installed_ops
+    from torch.utils.cpp_extension import get_default_build_root
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False) or installed_ops.get(builder.name):
+        return False
+    # torch.utils.cpp_extension's JIT cache layout: {root}/py{XY}{abiflags}_cpu/{name}/{name}.so
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    tag = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}_cpu"
+    return not (root / tag / builder.name / f"{builder.name}.so").is_file()

@@ -31,6 +31,25 @@ ATTN_IMPLEMENTATIONS = {None: None, "eager": None, "sdpa": None, "flex_attention
                         "flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
 
 
+# --help's sections, in order; each field names its own (grouped below), so a new field is one place to edit.
+HELP_GROUPS = {
+    "run": "Run (launch with `deepspeed launch/train.py ...`; `python launch/train.py` runs one process)",
+    "model": "Model",
+    "adapter": "Adapter (MSPLoRA)",
+    "data": "Data",
+    "optimisation": "Optimisation",
+    "checkpointing": "Checkpointing and output",
+    "logging": "Evaluation and logging",
+}
+REPORT_BACKENDS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+"""--report_to values and the package each needs."""
+
+
+def grouped(group: str, default):
+    """A field in --help section `group` (a key of HELP_GROUPS)."""
+    return field(default=default, metadata={"group": group})
+
+
 @dataclass(frozen=True)
 class DataSource:
     """One data source of --data / --eval_data: a local .json/.jsonl/.parquet file, a datasets save_to_disk
@@ -84,119 +103,123 @@ class DataSource:
 @dataclass
 class TrainConfig:
     # --- what to train on -------------------------------------------------------------------------
-    model: str = str(ASSETS / "tiny_llama")
+    model: str = grouped("model", str(ASSETS / "tiny_llama"))
     """A LLaMA-family model (llama, mistral, qwen2, qwen3): a local Hugging Face model directory, a Hub name
     (downloaded into the Hugging Face cache; with HF_HUB_OFFLINE=1 taken from the cache only), or a .gguf file
     of one (or a directory holding exactly one; needs the [gguf] extra)."""
-    data: tuple[DataSource, ...] = (DataSource(str(ASSETS / "data" / "instructions.jsonl")),)
+    data: tuple[DataSource, ...] = grouped("data", (DataSource(str(ASSETS / "data" / "instructions.jsonl")),))
     """Training data: one source or several, comma-separated, each a .json/.jsonl/.parquet file, a datasets
     folder or a Hub dataset name, with an optional mixing weight (a.jsonl:0.7,b.parquet:0.3; a YAML list of
     {path, weight, split, subset} too). Rows are alpaca (instruction, input, output), chat (messages:
     [{role, content}]), ShareGPT (conversations: [{from, value}]) or plain text (text); each source its own."""
-    eval_data: tuple[DataSource, ...] = ()
+    eval_data: tuple[DataSource, ...] = grouped("data", ())
     """Held-out data, sources as in `data` (concatenated, no weights); when unset, eval_fraction of each
     `data` source is held out."""
-    eval_fraction: float = 0.1
+    eval_fraction: float = grouped("data", 0.1)
     """Share of each `data` source held out for evaluation when eval_data is unset (0 turns evaluation off)."""
-    output_dir: str = "runs/default"
+    output_dir: str = grouped("checkpointing", "runs/default")
     """Where the final adapter ({output_dir}/adapter), checkpoints, TensorBoard logs and the resolved
     configs go."""
-    ds_config: str = str(REPO_ROOT / "ds_configs" / "zero3.json")
+    ds_config: str = grouped("run", str(REPO_ROOT / "ds_configs" / "zero3.json"))
     """DeepSpeed JSON config; its "auto" values are filled from this config (see ds_config.py)."""
 
     # --- schedule -----------------------------------------------------------------------------------
-    max_steps: int = -1
+    max_steps: int = grouped("optimisation", -1)
     """Optimizer steps to run; -1 derives it from `epochs`."""
-    epochs: float = 4.0
+    epochs: float = grouped("optimisation", 4.0)
     """Passes over the training data when max_steps is -1."""
-    micro_batch_size: int = 8
+    micro_batch_size: int = grouped("optimisation", 8)
     """Examples per rank per forward pass."""
-    grad_accum: int = 1
+    grad_accum: int = grouped("optimisation", 1)
     """Micro-batches accumulated per optimizer step. Global batch = micro x accum x world size."""
-    lr: float = 3e-3
+    lr: float = grouped("optimisation", 3e-3)
     """Peak learning rate of the adapters."""
-    warmup_ratio: float = 0.05
+    warmup_ratio: float = grouped("optimisation", 0.05)
     """Share of max_steps spent warming the learning rate up linearly from 0."""
-    min_lr_ratio: float = 0.1
+    min_lr_ratio: float = grouped("optimisation", 0.1)
     """The cosine schedule decays to lr * min_lr_ratio at max_steps."""
-    weight_decay: float = 0.0
+    weight_decay: float = grouped("optimisation", 0.0)
     """AdamW weight decay of the adapters."""
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = grouped("optimisation", 1.0)
     """Gradient clipping on the global norm (0 turns it off)."""
-    seed: int = 0
+    seed: int = grouped("optimisation", 0)
     """Seeds adapter init, data order and dropout."""
 
     # --- backbone -----------------------------------------------------------------------------------
-    dtype: str = "auto"
+    dtype: str = grouped("model", "auto")
     """bf16 or fp32 for activations and the frozen backbone; auto = bf16 on a GPU, fp32 on a CPU."""
-    load_in_4bit: bool = False
+    load_in_4bit: bool = grouped("model", False)
     """Quantize the frozen backbone to 4-bit NF4 (double quantization) with bitsandbytes, QLoRA-style."""
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = grouped("model", False)
     """Recompute decoder-layer activations in backward (non-reentrant) to save memory."""
-    attn_implementation: str | None = None
+    attn_implementation: str | None = grouped("model", None)
     """Passed to from_pretrained (sdpa, flash_attention_2, eager); unset lets transformers choose."""
-    liger: str = "auto"
+    liger: str = grouped("model", "auto")
     """Liger Kernel's fused RMSNorm, RoPE, SwiGLU and linear cross-entropy: auto = on a CUDA GPU when liger-kernel
     is installed and supports the model family; true = required; false = off."""
-    zero3_leaf_layers: bool = True
+    zero3_leaf_layers: bool = grouped("model", True)
     """ZeRO-3: fetch each decoder layer's weights in one all-gather (a DeepSpeed leaf module) instead of one per
     projection; exact, and about 1.7x faster on one GPU at the 7B shape."""
 
     # --- adapters -----------------------------------------------------------------------------------
-    ranks: tuple[int, int, int] = (8, 4, 2)
+    ranks: tuple[int, int, int] = grouped("adapter", (8, 4, 2))
     """Ranks of the (global, mid, layer) adapters; 0 switches a level off."""
-    alphas: tuple[float, float, float] = (16.0, 16.0, 16.0)
+    alphas: tuple[float, float, float] = grouped("adapter", (16.0, 16.0, 16.0))
     """LoRA alpha of each level."""
-    num_mid_groups: int = 2
+    num_mid_groups: int = grouped("adapter", 2)
     """Number of contiguous mid-level layer groups."""
-    target_modules: tuple[str, ...] = ALL_LINEAR_TARGETS
+    target_modules: tuple[str, ...] = grouped("adapter", ALL_LINEAR_TARGETS)
     """Projections to adapt in every decoder layer."""
-    dropout: tuple[float, float, float] = (0.05, 0.05, 0.05)
+    dropout: tuple[float, float, float] = grouped("adapter", (0.05, 0.05, 0.05))
     """Adapter dropout per level (one value sets all three)."""
-    use_rslora: bool = False
+    use_rslora: bool = grouped("adapter", False)
     """Scale alpha / sqrt(r) instead of alpha / r."""
 
     # --- data ---------------------------------------------------------------------------------------
-    max_seq_len: int = 256
+    max_seq_len: int = grouped("data", 256)
     """Longer examples are truncated (and counted); with packing, the length of each packed row."""
-    train_on_prompt: bool = False
+    train_on_prompt: bool = grouped("data", False)
     """Also compute the loss on prompt tokens (default: response tokens only)."""
-    packing: bool = False
+    packing: bool = grouped("data", False)
     """Pack several examples into each row of max_seq_len tokens (attention stays within an example)."""
-    mix_strategy: str = "first_exhausted"
+    mix_strategy: str = grouped("data", "first_exhausted")
     """How a weighted mix of sources ends (datasets.interleave_datasets): first_exhausted (when a source runs
     out: no row repeats), all_exhausted (when every source has been seen whole: small sources repeat) or
     all_exhausted_without_replacement."""
-    chat_template: str | None = None
+    chat_template: str | None = grouped("data", None)
     """Chat template for chat and ShareGPT rows, replacing the tokenizer's: a Jinja file, or a built-in (default,
     chatml, llama3). Unset: the tokenizer's own, or `default` for a base model that has none."""
-    data_cache: bool = True
+    data_cache: bool = grouped("data", True)
     """Cache the tokenized data (Arrow, memory-mapped): a later run, and every rank after the first, reuses it.
     The key covers the data files (path, size, mtime), the tokenizer files, the chat template, max_seq_len,
     train_on_prompt and the tokenizing code."""
-    data_cache_dir: str | None = None
+    data_cache_dir: str | None = grouped("data", None)
     """Where the tokenized cache lives; unset: msplora_tokenized/ in the datasets cache (HF_DATASETS_CACHE)."""
 
     # --- checkpoints, evaluation and logging ---------------------------------------------------------
-    save_steps: int = 0
+    save_steps: int = grouped("checkpointing", 0)
     """Write a checkpoint every save_steps optimizer steps (0: only at the end)."""
-    keep_last: int = 2
+    keep_last: int = grouped("checkpointing", 2)
     """Checkpoints kept in {output_dir}/checkpoints; older ones are deleted."""
-    eval_steps: int = 20
+    eval_steps: int = grouped("logging", 20)
     """Evaluate every eval_steps optimizer steps (and at the end); 0: only at the end."""
-    log_steps: int = 1
+    log_steps: int = grouped("logging", 1)
     """Write TensorBoard scalars every log_steps optimizer steps."""
-    resume: str | None = None
+    resume: str | None = grouped("checkpointing", None)
     """'latest' (the newest valid checkpoint in {output_dir}/checkpoints) or a checkpoint directory."""
-    overwrite: bool = False
+    overwrite: bool = grouped("checkpointing", False)
     """Start afresh in an output_dir that holds another run's checkpoints or adapter (they are deleted).
     Without it such a directory is refused, so no run is lost by accident."""
-    max_nonfinite_steps: int = 3
+    max_nonfinite_steps: int = grouped("optimisation", 3)
     """A step whose loss or gradient is not finite is skipped (no update) and counted; after this many
     in a row the run saves a checkpoint of the last good state and stops (0: never stop)."""
-    analyze: bool = True
+    analyze: bool = grouped("logging", True)
     """At the end, write the multi-scale analysis report to {output_dir}/analysis and log its scalars."""
-    config: str | None = field(default=None, metadata={"cli_only": True})
+    report_to: tuple[str, ...] = grouped("logging", ("tensorboard",))
+    """Where the scalars (losses, learning rate, speed, eval, analysis) go: any of tensorboard ({output_dir}/tb),
+    wandb (offline unless WANDB_MODE says otherwise, {output_dir}/wandb), mlflow (MLFLOW_TRACKING_URI, else the
+    local store {output_dir}/mlflow.db); comma-separated, or none."""
+    config: str | None = field(default=None, metadata={"cli_only": True, "group": "run"})
     """Optional YAML file of any of these fields; command-line flags override it."""
 
     def __post_init__(self):
@@ -257,6 +280,7 @@ class TrainConfig:
             raise ConfigError(f"mix_strategy={self.mix_strategy!r}: expected one of {', '.join(MIX_STRATEGIES)}")
         if self.resume and self.overwrite:
             raise ConfigError(f"resume={self.resume!r} and overwrite=true contradict each other; expected one of them")
+        self.report_to = _check_report_to(self.report_to)
         self.adapter_config()  # validates ranks, alphas, dropout, targets, groups
 
     def adapter_config(self) -> MSPLoRAConfig:
@@ -274,6 +298,23 @@ class TrainConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def _check_report_to(value) -> tuple[str, ...]:
+    """The --report_to backends, each known and installed; "none" alone means no backend."""
+    import importlib.util
+
+    names = tuple(value) if isinstance(value, tuple | list) else (value,)
+    if names in (("none",), ()):
+        return ()
+    for name in names:
+        if name not in REPORT_BACKENDS:
+            raise ConfigError(f"report_to={','.join(names)!r}: {name!r} is not a backend; expected a comma-separated list of "
+                              f"{', '.join(REPORT_BACKENDS)}, or none")
+        if importlib.util.find_spec(REPORT_BACKENDS[name]) is None:
+            raise ConfigError(f"report_to includes {name}, which is not installed; expected `pip install {REPORT_BACKENDS[name]}` "
+                              "or another --report_to")
+    return names
 
 
 # --- command line and YAML ----------------------------------------------------------------------------
@@ -333,18 +374,52 @@ def _convert(name: str, value, hint):
         raise ConfigError(f"{name}={value!r}: expected {getattr(hint, '__name__', hint)}") from None
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Help lines wrapped between words only (a long default path stays whole), the description as written."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        import textwrap
+
+        return textwrap.wrap(" ".join(text.split()), width, break_long_words=False, break_on_hyphens=False)
+
+
+def _shown_default(value) -> str:
+    if isinstance(value, tuple):
+        return ",".join(map(str, value)) or "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if value is None:
+        return "unset"
+    if isinstance(value, str) and Path(value).is_absolute() and Path(value).is_relative_to(REPO_ROOT):
+        return str(Path(value).relative_to(REPO_ROOT))  # the shipped assets and configs, as the README names them
+    return str(value)
+
+
+def _metavar(name: str, hint) -> str:
+    if hint is bool:
+        return "{true,false}"
+    if typing.get_origin(hint) is tuple:
+        return "A,B,C" if typing.get_args(hint)[-1] is not Ellipsis else "X,Y,..."
+    return name.upper()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Fine-tune a LLaMA-family model with MSPLoRA on DeepSpeed. With no arguments, trains the "
-        "embedded tiny model on the shipped data.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="deepspeed launch/train.py",
+        description="Fine-tune a LLaMA-family model with MSPLoRA on DeepSpeed. Launch it with DeepSpeed's launcher:\n\n"
+        "  deepspeed launch/train.py --ds_config ds_configs/zero3.json             # the embedded default, CPU or 1 GPU\n"
+        "  deepspeed --num_gpus 8 launch/train.py --ds_config ds_configs/zero3.json --model DIR --data FILE\n\n"
+        "With no flags it trains the embedded tiny model on the shipped data. Every flag takes a value (booleans:\n"
+        "true or false) and can also come from --config run.yaml; flags override the file.",
+        formatter_class=_HelpFormatter,
     )
-    docs = _field_docs()
+    docs, hints = _field_docs(), typing.get_type_hints(TrainConfig)
+    sections = {key: parser.add_argument_group(title) for key, title in HELP_GROUPS.items()}
     for f in dataclasses.fields(TrainConfig):
         default = f.default if f.default is not dataclasses.MISSING else None
-        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-        parser.add_argument(f"--{f.name}", default=argparse.SUPPRESS, metavar=f.name.upper(),
-                            help=f"{docs.get(f.name, '')} (default: {shown})")
+        section = sections.get(f.metadata.get("group"), parser)  # a field without a group lands in "options"
+        section.add_argument(f"--{f.name}", default=argparse.SUPPRESS, metavar=_metavar(f.name, hints[f.name]),
+                             help=f"{docs.get(f.name, '')} (default: {_shown_default(default)})")
     # DeepSpeed's launcher appends --local_rank; the rank is read from the environment instead.
     parser.add_argument("--local_rank", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser

@@ -6,7 +6,7 @@ Lifecycle (each a method; `fit` runs them in order):
     trainer.setup()          # process group, backbone + MSPLoRA, deepspeed.initialize, resume, step-0 eval
     trainer.train()          # step() until the planned number of steps; evaluate() and save() on schedule
     summary = trainer.finish()   # replicas compared, final adapter, analysis report, summary.json
-    trainer.close()          # the TensorBoard writer (also after an error)
+    trainer.close()          # the scalar trackers (TensorBoard, wandb, mlflow; also after an error)
 
 The loss of a step is the token mean over the whole global batch, whatever its split into ranks,
 micro-batches and accumulation steps: every rank counts the global batch's loss tokens itself, and the
@@ -45,6 +45,7 @@ from msplora_dist.train.kernels import apply_liger
 from msplora_dist.train.preflight import Plan, preflight
 from msplora_dist.train.schedule import lr_lambda
 from msplora_dist.train.state import checkpoint_root, load_checkpoint, save_checkpoint
+from msplora_dist.train.tracking import Tracker
 from msplora_dist.utils.fileio import write_file_atomically
 from msplora_dist.utils.log import log
 
@@ -142,9 +143,10 @@ class Trainer:
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.on_gpu else torch.device("cpu")
         if cfg.overwrite and self.rank == 0:  # everything an earlier run wrote, so nothing of it is mistaken for this run's
             for earlier in (checkpoint_root(self.output_dir), self.output_dir / "adapter", self.output_dir / "analysis",
-                            self.output_dir / "tb"):
+                            self.output_dir / "tb", self.output_dir / "wandb", self.output_dir / "mlartifacts"):
                 shutil.rmtree(earlier, ignore_errors=True)
-            (self.output_dir / "summary.json").unlink(missing_ok=True)
+            for earlier_file in ("summary.json", "mlflow.db"):
+                (self.output_dir / earlier_file).unlink(missing_ok=True)
         self.engine, self.scheduler = self._build_engine()
         if self.rank == 0:
             save_config_yaml(cfg, self.output_dir / "train_config.yaml")
@@ -158,15 +160,14 @@ class Trainer:
             f"full config in {self.output_dir / 'train_config.yaml'}")
         if plan.resume_dir is not None:
             self._resume()
-        if self.rank == 0:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(self.output_dir / "tb"))
+        if self.rank == 0:  # TensorBoard, wandb, mlflow: whichever --report_to names (train/tracking.py)
+            self.writer = Tracker(cfg.report_to, self.output_dir, cfg.to_dict())
         if plan.eval_ds is not None and self.step_count == 0 and cfg.eval_steps:
             # Where the base model starts, so the log shows how far training moved it.
             loss0, ppl0 = self.evaluate()
             log(f"step 0/{plan.total_steps}  eval_loss {loss0:.4f}  eval_ppl {ppl0:.2f}")
             self.history.append({"step": 0, "eval_loss": loss0, "eval_ppl": ppl0})
+            self._log_scalars(self.history[-1])
         self.engine.train()
         self.startup_s = time.time() - psutil.Process().create_time()  # imports, loading, DeepSpeed set-up
 
@@ -324,7 +325,8 @@ class Trainer:
                 record = self.step()
                 step, loss = record["step"], record["loss"]
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+                # refresh=False: the bar redraws at its own interval (10 s into a log file), not at every step.
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
                 stop = bool(cfg.max_nonfinite_steps) and self.nonfinite_in_a_row >= cfg.max_nonfinite_steps
                 if self.plan.eval_ds is not None and not stop and (
                         (cfg.eval_steps and step % cfg.eval_steps == 0) or step == total_steps):
@@ -382,7 +384,8 @@ class Trainer:
             if not replicas_identical:
                 raise RuntimeError("the adapter replicas differ across ranks after training; this is a bug, please report it")
             try:
-                save_adapter(engine.module, self.output_dir / "adapter")  # atomic: nothing partial is left on failure
+                # Atomic: nothing partial is left on failure. The base is recorded for export and serving.
+                save_adapter(engine.module, self.output_dir / "adapter", base_model=Path(self.plan.model_dir).resolve())
             except (OSError, ConfigError) as err:
                 reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
                 raise WriteFailed(f"writing the final adapter to {self.output_dir / 'adapter'} failed: {reason}; the training "
@@ -420,7 +423,7 @@ class Trainer:
         return summary
 
     def close(self) -> None:
-        """Close the TensorBoard writer (a stopped run keeps its events up to the stop) and release the engine, so
+        """Close the trackers (a stopped run keeps its scalars up to the stop) and release the engine, so
         that one process can run many trainers one after another (the benchmark, the experiments). The process
         group stays up for the next one; the entry point shuts it down (dist.process.shutdown_distributed)."""
         self.stop_request.uninstall()

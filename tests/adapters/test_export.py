@@ -211,6 +211,29 @@ def _read_pairs(out: Path) -> dict[str, torch.Tensor]:
     return load_file(out / PEFT_WEIGHTS_NAME)
 
 
+def test_export_without_base_uses_the_base_the_adapter_records(all7, fp_base, tmp_path):
+    ours, _ = all7
+    save_adapter(ours, tmp_path / "adapter", base_model=fp_base)  # what the Trainer does with cfg.model
+    assert json.loads((tmp_path / "adapter" / CONFIG_NAME).read_text())["base_model"] == str(fp_base)
+    report = export_peft(tmp_path / "adapter", tmp_path / "peft")
+    assert report.base == str(fp_base) and report.note is None
+    assert json.loads((tmp_path / "peft" / PEFT_CONFIG_NAME).read_text())["base_model_name_or_path"] == str(fp_base)
+    commands = report.serving_commands()
+    assert "BASE_MODEL" not in commands and f"LLM(model={str(fp_base)!r}" in commands and f"--model {fp_base} " in commands
+    merged = export_merged(tmp_path / "adapter", None, tmp_path / "merged", dtype="fp32")
+    assert merged.base == str(fp_base)
+    torch.testing.assert_close(logits(load(tmp_path / "merged"), torch.tensor([[5, 6, 7]])), logits(ours, torch.tensor([[5, 6, 7]])))
+
+    # Recorded, but not here (the adapter was copied to another machine): the Llama layout, a note, a placeholder.
+    save_adapter(ours, tmp_path / "moved", base_model=tmp_path / "gone")
+    report = export_peft(tmp_path / "moved", tmp_path / "peft_moved")
+    assert report.base is None and "BASE_MODEL" in report.serving_commands()
+    assert str(tmp_path / "gone") in report.note and "--base" in report.note and report.note in str(report)
+    with pytest.raises(ConfigError, match="not a directory here"):
+        export_merged(tmp_path / "moved", None, tmp_path / "merged_moved")
+    assert not (tmp_path / "merged_moved").exists()
+
+
 def test_max_rank_at_or_above_the_total_rank_is_exact(all7, tmp_path):
     _, adapter = all7
     plain = _read_pairs(Path(export_peft(adapter, tmp_path / "plain").out_dir))
@@ -524,7 +547,7 @@ def test_script_exports_and_prints_the_vllm_commands_and_refuses_bad_input(all7,
     rc, stdout, stderr = results["good"]
     assert rc == 0, stderr
     assert "max_lora_rank=8" in stdout and "--max-lora-rank 8" in stdout
-    assert "LoRARequest('adapter', 1, " in stdout and "vllm serve" in stdout and str(good_out) in stdout
+    assert "LoRARequest('adapter', 1, " in stdout and "vllm.entrypoints.openai.api_server" in stdout and str(good_out) in stdout
     assert json.loads((good_out / PEFT_CONFIG_NAME).read_text())["r"] == 7
     rc, stdout, stderr = _run_main(main, capfd, "--adapter", big, "--format", "peft", "--out", tmp_path / "big", "--max_rank", "300")
     assert rc == 0, stderr

@@ -11,10 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
-from msplora_dist import MSPLoRAConfig, apply_msplora, get_hierarchy, load_adapter, save_adapter
+from msplora_dist import load_adapter
 from msplora_dist.train.prompts import DEFAULT_CHAT_TEMPLATE, alpaca_prompt
 from tests.char_tokenizer import char_tokenizer
 
@@ -45,20 +44,6 @@ def load(path: Path):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> tuple[Path, Path]:
-    """(base dir, adapter dir)."""
-    root = tmp_path_factory.mktemp("generate")
-    base = save_base(root / "base")
-    model = apply_msplora(load(base), MSPLoRAConfig(ranks=(4, 2, 1), num_mid_groups=2, dropout=0.0))
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for _, p in sorted(get_hierarchy(model).named_parameters()):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    save_adapter(model, root / "adapter")
-    return base, root / "adapter"
-
-
 @torch.no_grad()
 def greedy(model, tokenizer, text: str, n: int, add_special_tokens: bool = True) -> str:
     """Reference greedy decoding without generate(): argmax of the full forward, token by token."""
@@ -70,20 +55,6 @@ def greedy(model, tokenizer, text: str, n: int, add_special_tokens: bool = True)
         if nxt.item() == tokenizer.eos_token_id:
             break
     return tokenizer.decode(ids[0, start:], skip_special_tokens=True)
-
-
-@pytest.fixture
-def quiet_transformers():
-    """What the script's environment settings do in a fresh process, for in-process runs of main()."""
-    from transformers.utils import logging
-
-    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-    yield
-    logging.set_verbosity(verbosity)
-    if bars:
-        logging.enable_progress_bar()
 
 
 def _main():
@@ -131,12 +102,14 @@ def test_chat_prompt_and_seeded_sampling(tiny, capfd, quiet_transformers):
     module = _main()
     tokenizer = AutoTokenizer.from_pretrained(base)
     assert tokenizer.chat_template is None  # so DEFAULT_CHAT_TEMPLATE is used
-    chat_text, special = module.format_prompt(tokenizer, "hi there", chat=True)
+    from msplora_dist.cli.generate import format_prompt
+
+    chat_text, special = format_prompt(tokenizer, "hi there", chat=True)
     messages = [{"role": "user", "content": "hi there"}]
     assert special is False and chat_text == tokenizer.apply_chat_template(
         messages, chat_template=DEFAULT_CHAT_TEMPLATE, add_generation_prompt=True, tokenize=False)
     assert chat_text.startswith("<|user|>\nhi there") and chat_text.endswith("<|assistant|>\n")
-    text, special = module.format_prompt(tokenizer, "Sort these.", input="b a", chat=False)
+    text, special = format_prompt(tokenizer, "Sort these.", input="b a", chat=False)
     assert (text, special) == (alpaca_prompt("Sort these.", "b a"), True)
 
     rc, out, err = _run(module, capfd, "--model", base, "--adapter", adapter, "--prompt", "hi there", "--chat",

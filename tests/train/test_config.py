@@ -61,3 +61,23 @@ def test_unknown_yaml_field_is_refused(tmp_path):
 def test_every_field_has_help_text():
     helps = {a.dest: a.help for a in build_parser()._actions if a.dest not in ("help", "local_rank")}
     assert all(h and not h.startswith(" (default") for h in helps.values()), [k for k, h in helps.items() if not h]
+
+
+def test_help_is_grouped_shows_booleans_and_keeps_defaults_whole(monkeypatch):
+    import dataclasses
+
+    monkeypatch.setenv("COLUMNS", "80")  # a narrow terminal: long defaults must wrap whole, not mid-word
+
+    from msplora_dist.train.config import HELP_GROUPS, TrainConfig
+
+    missing = [f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("group") not in HELP_GROUPS]
+    assert not missing, f"fields without a --help group (grouped(...) in TrainConfig): {missing}"
+    text = build_parser().format_help()
+    positions = [text.index(f"\n{title}:\n") for title in HELP_GROUPS.values()]
+    assert positions == sorted(positions), "the sections appear in HELP_GROUPS order"
+    assert "deepspeed launch/train.py" in text.split("options:")[0]
+    assert "--load_in_4bit {true,false}" in text and "(default: false)" in text and "--ranks A,B,C" in text
+    # Defaults are wrapped between words only: the shipped paths appear whole, relative to the repository.
+    assert " msplora_dist/assets/tiny_llama)" in text.replace("\n", " ")
+    assert all(not line.rstrip().endswith(("/", "_", "-")) for line in text.splitlines()), "a word was broken"
+    assert "msplora_dist/assets/data/instructions.jsonl)" in text and "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj" in text

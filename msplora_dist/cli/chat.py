@@ -18,27 +18,20 @@ and exits with status 2.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import threading
 from typing import TextIO
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+from msplora_dist.cli.common import OneLineParser, offline_quiet_env, print_user_error
+
+offline_quiet_env()
 
 TEMPLATES = ("alpaca", "chat")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = _Parser(description="Chat with a base model and an MSPLoRA adapter (/reset forgets the conversation, /exit quits).")
+    p = OneLineParser(description="Chat with a base model and an MSPLoRA adapter (/reset forgets the conversation, /exit quits).")
     p.add_argument("--model", default=None, help="base model directory (default: the one the adapter records)")
     p.add_argument("--adapter", default=None, help="MSPLoRA adapter directory (written by save_adapter)")
     p.add_argument("--template", default="alpaca", choices=TEMPLATES, help="the training prompt format (default: alpaca)")
@@ -166,8 +159,7 @@ def main(argv=None, stdin: TextIO | None = None, stdout: TextIO | None = None) -
             raise ConfigError("--system needs --template chat (the Alpaca template has no system turn)")
         model, tokenizer = load_for_sampling(args.model, args.adapter, args.dtype, args.device)
     except UserError as err:
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
+        return print_user_error(err)
     import torch
 
     torch.manual_seed(args.seed)

@@ -17,23 +17,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+from msplora_dist.cli.common import OneLineParser, offline_quiet_env, print_user_error
 
+offline_quiet_env()
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, like every other bad input
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = _Parser(description="Convert a GGUF model into a plain Hugging Face model directory.")
+    p = OneLineParser(description="Convert a GGUF model into a plain Hugging Face model directory.")
     p.add_argument("--gguf", required=True, help="the .gguf file (or a directory holding exactly one)")
     p.add_argument("--out", required=True, help="output model directory (written atomically)")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="dtype of the saved weights (default bf16)")
@@ -49,11 +42,15 @@ def main(argv=None) -> int:
     try:
         record = convert(args.gguf, args.out, args.dtype, overwrite=args.overwrite)
     except UserError as err:
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
+        return print_user_error(err)
     print(json.dumps({"out": args.out, **record}))
     return 0
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The console entry point (msplora-convert-gguf)."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

@@ -20,22 +20,16 @@ Bad input prints one line `error: ...` to stderr and exits with status 2.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+from msplora_dist.cli.common import OneLineParser, offline_quiet_env, print_user_error
 
+offline_quiet_env()
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, like every other bad input
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = _Parser(description="Export an MSPLoRA adapter as a plain PEFT LoRA or a merged model.")
+    p = OneLineParser(description="Export an MSPLoRA adapter as a plain PEFT LoRA or a merged model.")
     p.add_argument("--adapter", required=True, help="MSPLoRA adapter directory (written by save_adapter)")
     p.add_argument("--format", required=True, choices=("peft", "merged"))
     p.add_argument("--out", required=True, help="output directory (written atomically)")
@@ -62,8 +56,7 @@ def main(argv=None) -> int:
                 raise ConfigError("--max_rank applies to --format peft; the merged export is exact")
             report = export_merged(args.adapter, args.base, args.out, dtype=args.dtype or "bf16", overwrite=args.overwrite)
     except UserError as err:
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
+        return print_user_error(err)
     print(report)
     return 0
 

@@ -14,24 +14,16 @@ with status 2.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Only the response goes to stdout and only an error line to stderr: no progress bars, no library chatter.
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+from msplora_dist.cli.common import OneLineParser, offline_quiet_env, print_user_error
 
+offline_quiet_env()
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = _Parser(description="Sample from a base model with an optional MSPLoRA adapter.")
+    p = OneLineParser(description="Sample from a base model with an optional MSPLoRA adapter.")
     p.add_argument("--model", default=None, help="base model directory (Hugging Face format; default: the one the adapter records)")
     p.add_argument("--adapter", default=None, help="MSPLoRA adapter directory (written by save_adapter)")
     p.add_argument("--prompt", required=True, help="the instruction (or, with --chat, the user message)")
@@ -134,8 +126,7 @@ def main(argv=None) -> int:
         response = generate(model, tokenizer, text, add_special_tokens=special, max_new_tokens=args.max_new_tokens,
                             temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     except UserError as err:
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
+        return print_user_error(err)
     print(response)
     return 0
 

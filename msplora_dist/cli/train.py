@@ -24,6 +24,8 @@ from __future__ import annotations
 import os
 import sys
 
+import torch.distributed
+
 from msplora_dist.dist.process import shutdown_distributed
 from msplora_dist.errors import RunStopped, UserError
 from msplora_dist.train.config import parse_config
@@ -36,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     # Every rank reports: an error on one rank alone (a node-local path) must not go unsaid.
     rank = int(os.environ.get("RANK", "0"))
     prefix = f"error (rank {rank}): " if rank else "error: "
+    # A process group that was up before (an in-process caller's, the test session's) is its owner's to end.
+    owns_group = not torch.distributed.is_initialized()
     try:
         Trainer(parse_config(argv)).fit()
     except UserError as err:
@@ -45,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{prefix}{err}", file=sys.stderr, flush=True)
         return err.exit_code
     finally:
-        shutdown_distributed()
+        if owns_group:
+            shutdown_distributed()
     return 0
 
 

@@ -4,7 +4,11 @@ in one line: the run ended itself after keeping what it could, and exit_code say
 
 
 class UserError(ValueError):
-    """Bad input from the user: a config, a path, a data row, a checkpoint."""
+    """Bad input from the user: a config, a path, a data row, a checkpoint. Its text is one line whatever it quotes
+    (a library's multi-line message is joined), so an entry point always prints exactly one."""
+
+    def __str__(self) -> str:
+        return " ".join(part.strip() for part in super().__str__().splitlines() if part.strip())
 
 
 class ConfigError(UserError):
@@ -17,6 +21,11 @@ class CheckpointError(UserError):
 
 class DataError(UserError):
     """A data file or row is malformed."""
+
+
+class RowError(DataError):
+    """One data row is malformed; the message says what, and the caller, which knows the file, says where (the row's
+    line in it: data.tokenize_rows)."""
 
 
 class RunStopped(RuntimeError):

@@ -49,7 +49,7 @@ def render(tokenizer, history: list[tuple[str, str]], user: str, template: str =
            system: str | None = None) -> list[int]:
     """Token ids of the conversation `history` ([(user, reply), ...]) followed by the new `user` turn, ready for
     the reply: formatted exactly as training formats rows of that template."""
-    from msplora_dist.train.prompts import DEFAULT_CHAT_TEMPLATE, alpaca_prompt
+    from msplora_dist.train.prompts import DEFAULT_CHAT_TEMPLATE, alpaca_prompt, prompt_token_ids
 
     if template == "alpaca":
         bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
@@ -63,7 +63,7 @@ def render(tokenizer, history: list[tuple[str, str]], user: str, template: str =
     messages.append({"role": "user", "content": user})
     template_text = getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
     text = tokenizer.apply_chat_template(messages, chat_template=template_text, add_generation_prompt=True, tokenize=False)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]  # the template writes any bos itself
+    return prompt_token_ids(tokenizer, text, chat=True)  # one bos, as training starts a chat row
 
 
 def context_limit(model, tokenizer) -> int:

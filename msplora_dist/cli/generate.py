@@ -5,7 +5,8 @@
 
 The prompt is formatted as in training: msplora_dist.train.prompts.alpaca_prompt(prompt, input) by default; with
 --chat a one-turn conversation through the tokenizer's chat template (msplora_dist.train.prompts.DEFAULT_CHAT_TEMPLATE
-when it has none) with the generation prompt appended. --temperature 0 is greedy decoding (deterministic).
+when it has none) with the generation prompt appended; its token ids start with one bos as a training row's do
+(msplora_dist.train.prompts.prompt_token_ids). --temperature 0 is greedy decoding (deterministic).
 Without --model, the base model the trainer recorded in the adapter. Only the response is printed. A 4-bit
 base directory is loaded 4-bit (bitsandbytes). Bad input prints one line `error: ...` to stderr and exits
 with status 2.
@@ -39,21 +40,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def format_prompt(tokenizer, prompt: str, *, input: str = "", chat: bool = False, system: str | None = None) -> tuple[str, bool]:
-    """(text, add_special_tokens): the text the model sees before its response."""
-    from msplora_dist.train.prompts import DEFAULT_CHAT_TEMPLATE, alpaca_prompt
+def format_prompt(tokenizer, prompt: str, *, input: str = "", chat: bool = False, system: str | None = None) -> list[int]:
+    """The token ids the model sees before its response, built as training builds a row's (prompts.prompt_token_ids:
+    the same text, and the same single bos, with or without a chat template)."""
+    from msplora_dist.train.prompts import alpaca_prompt, ensure_chat_template, prompt_token_ids
 
     if not chat:
-        return alpaca_prompt(prompt, input), True
+        return prompt_token_ids(tokenizer, alpaca_prompt(prompt, input), chat=False)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    template = getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
-    text = tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=True, tokenize=False)
-    return text, False  # the template writes any bos itself
+    ensure_chat_template(tokenizer)
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return prompt_token_ids(tokenizer, text, chat=True)
 
 
-def generate(model, tokenizer, text: str, *, add_special_tokens: bool = True, max_new_tokens: int = 128,
-             temperature: float = 0.7, top_p: float = 0.9, seed: int = 0) -> str:
-    """The decoded continuation of `text` (special tokens skipped)."""
+def generate(model, tokenizer, prompt_ids: list[int], *, max_new_tokens: int = 128, temperature: float = 0.7,
+             top_p: float = 0.9, seed: int = 0) -> str:
+    """The decoded continuation of the prompt (special tokens skipped)."""
     import random
 
     import torch
@@ -63,14 +65,14 @@ def generate(model, tokenizer, text: str, *, add_special_tokens: bool = True, ma
     random.seed(seed)
     torch.manual_seed(seed)
     device = next(model.parameters()).device
-    enc = tokenizer(text, return_tensors="pt", add_special_tokens=add_special_tokens).to(device)
+    input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else dict(do_sample=False)
     config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad, **sampling)
     with torch.inference_mode():
-        out = model.generate(**enc, generation_config=config)
-    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config)
+    return tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True)
 
 
 def check_sampling_args(args: argparse.Namespace) -> None:
@@ -122,8 +124,8 @@ def main(argv=None) -> int:
         if args.chat and args.input:
             raise ConfigError("--input is the alpaca input field; with --chat put everything in --prompt")
         model, tokenizer = load_for_sampling(args.model, args.adapter, args.dtype, args.device)
-        text, special = format_prompt(tokenizer, args.prompt, input=args.input, chat=args.chat, system=args.system)
-        response = generate(model, tokenizer, text, add_special_tokens=special, max_new_tokens=args.max_new_tokens,
+        prompt_ids = format_prompt(tokenizer, args.prompt, input=args.input, chat=args.chat, system=args.system)
+        response = generate(model, tokenizer, prompt_ids, max_new_tokens=args.max_new_tokens,
                             temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     except UserError as err:
         return print_user_error(err)

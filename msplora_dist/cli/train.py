@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     """Parse the flags, train, and map the outcome to an exit status: 0 done, 2 bad input, 3 stopped itself (non-finite
     steps), 4 a checkpoint could not be written, 128 + n stopped by signal n (143 SIGTERM, 130 SIGINT) after a checkpoint."""
     quiet_libraries()  # before deepspeed is imported: its import already logs
+    import torch.distributed
+
     from msplora_dist.dist.process import shutdown_distributed
     from msplora_dist.train.config import parse_config
     from msplora_dist.train.trainer import Trainer
@@ -40,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     # Every rank reports: an error on one rank alone (a node-local path) must not go unsaid.
     rank = int(os.environ.get("RANK", "0"))
     prefix = f"error (rank {rank}): " if rank else "error: "
+    # A process group that was up before (an in-process caller's, the test session's) is its owner's to end.
+    owns_group = not torch.distributed.is_initialized()
     try:
         cfg = parse_config(argv)
         line = train_device_line()
@@ -53,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{prefix}{err}", file=sys.stderr, flush=True)
         return err.exit_code
     finally:
-        shutdown_distributed()
+        if owns_group:
+            shutdown_distributed()
     return 0
 
 

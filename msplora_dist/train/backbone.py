@@ -27,51 +27,113 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 def check_model_dir(path: str | Path) -> dict:
     """The model's config.json (a GGUF base: its config read from the file), after checking the directory is a
-    complete LLaMA-family checkpoint."""
+    complete LLaMA-family checkpoint: its config holds the fields the preflight reads, and every weight file it
+    needs is there and whole (a safetensors file's size against its own header, without reading the weights)."""
     path = Path(path)
     gguf_file = gguf.find_gguf(path)
     if gguf_file is not None:
-        return check_llama_family(path, gguf.read_config(gguf_file))
+        return check_llama_family(gguf_file, gguf.read_config(gguf_file))
     if not path.is_dir():
         raise ConfigError(f"--model {str(path)!r} is not a directory; expected a local Hugging Face model directory "
                           f"or a {gguf.SUFFIX} file")
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ConfigError(f"--model {str(path)!r} has no config.json; expected a Hugging Face model directory (save_pretrained)")
-    try:
-        hf_config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{str(config_file)!r} is not valid JSON ({err})") from None
-    check_llama_family(path, hf_config)
+    hf_config = check_llama_family(config_file, _read_json_object(config_file))
     weights = list(path.glob("*.safetensors")) + list(path.glob("pytorch_model*.bin"))
     if not weights:
         raise ConfigError(f"--model {str(path)!r} has no weights (*.safetensors or pytorch_model*.bin)")
     for index in path.glob("*.index.json"):
-        shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
-        missing = sorted(s for s in shards if not (path / s).is_file())
+        weight_map = _read_json_object(index).get("weight_map", {})
+        if not isinstance(weight_map, dict):
+            raise ConfigError(f"{str(index)!r}: 'weight_map' is a {type(weight_map).__name__}; expected a mapping of "
+                              "tensor names to shard files")
+        missing = sorted(s for s in set(map(str, weight_map.values())) if not (path / s).is_file())
         if missing:
             raise ConfigError(f"--model {str(path)!r} is missing weight shards {missing[:3]} listed in {index.name}")
+    for shard in sorted(path.glob("*.safetensors")):
+        check_safetensors_file(shard)
     return hf_config
 
 
-def check_llama_family(path: Path, hf_config: dict) -> dict:
+def _read_json_object(file: Path) -> dict:
+    try:
+        value = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{str(file)!r} is not valid JSON ({err}); expected a JSON object") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{str(file)!r} holds a JSON {type(value).__name__}; expected a JSON object")
+    return value
+
+
+# The fields of config.json the preflight reads before the model is loaded (projection_features, the adapter
+# groups, the resume signature): name -> required. A missing optional one has a standard default.
+CONFIG_INTS = {"hidden_size": True, "num_hidden_layers": True, "num_attention_heads": True, "intermediate_size": True,
+               "num_key_value_heads": False, "head_dim": False}
+
+
+def check_llama_family(file: Path, hf_config: dict) -> dict:
+    """hf_config (read from `file`), after checking it is a LLaMA-family config with the fields the preflight reads."""
     model_type = hf_config.get("model_type")
     if model_type not in LLAMA_FAMILY:
-        raise ConfigError(f"--model {str(path)!r} is a {model_type!r} model; "
-                          f"expected a LLaMA-family model_type, one of {list(LLAMA_FAMILY)}")
+        raise ConfigError(f"--model {str(file.parent if file.name == 'config.json' else file)!r} is a {model_type!r} "
+                          f"model; expected a LLaMA-family model_type, one of {list(LLAMA_FAMILY)}")
+    for name, required in CONFIG_INTS.items():
+        value = hf_config.get(name)
+        if value is None and not required:
+            continue
+        if value is None:
+            raise ConfigError(f"{str(file)!r} has no {name!r}; expected a positive integer there (a {model_type} config)")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{str(file)!r} has {name}={value!r}; expected a positive integer")
     return hf_config
+
+
+def check_safetensors_file(file: Path) -> None:
+    """A safetensors file is an 8-byte header length, a JSON header giving each tensor's byte range, then the bytes:
+    a file cut short (an interrupted download or copy) is shorter than its header says. Reads the header only."""
+    size = file.stat().st_size
+    problem = None
+    with open(file, "rb") as fh:
+        head = fh.read(8)
+        header_len = int.from_bytes(head, "little") if len(head) == 8 else None
+        if header_len is None or 8 + header_len > size:
+            problem = f"its header is cut short ({size} bytes)"
+        else:
+            try:
+                header = json.loads(fh.read(header_len))
+                ends = [int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"]
+            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, KeyError, IndexError, TypeError, ValueError):
+                problem = "its header is not a safetensors header"
+            else:
+                expected = 8 + header_len + max(ends, default=0)
+                if size != expected:
+                    problem = f"it has {size} bytes, its header describes {expected}"
+    if problem:
+        raise ConfigError(f"weights {str(file)!r} are incomplete or corrupt: {problem}; expected a whole safetensors "
+                          "file (download or copy it again)")
+
+
+# A tokenizer's vocabulary is in one of these (tokenizers' JSON, SentencePiece, BPE, WordPiece, tiktoken).
+TOKENIZER_VOCAB_FILES = ("tokenizer.json", "*.model", "vocab.json", "vocab.txt", "*.tiktoken")
 
 
 def load_tokenizer(path: str | Path):
+    """The tokenizer of a model directory or GGUF file (pad set, no length warning), or a one-line ConfigError."""
     from transformers import AutoTokenizer
 
     gguf_file = gguf.find_gguf(path)
     if gguf_file is not None:
         tokenizer = gguf.load_tokenizer(gguf_file)
     else:
+        path = Path(path)
+        if path.is_dir() and not any(any(path.glob(pattern)) for pattern in TOKENIZER_VOCAB_FILES):
+            # transformers would guess a tokenizer class from config.json and fail in five lines about sentencepiece
+            raise ConfigError(f"--model {str(path)!r} has no tokenizer (none of {', '.join(TOKENIZER_VOCAB_FILES)}); "
+                              "expected the tokenizer saved beside the model (tokenizer.save_pretrained(DIR))")
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(path))
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, KeyError, TypeError) as err:
             raise ConfigError(f"--model {str(path)!r}: no usable tokenizer ({err})") from None
     if tokenizer.eos_token_id is None:
         raise ConfigError(f"the tokenizer of {str(path)!r} has no eos token; expected one, so the model learns to stop")

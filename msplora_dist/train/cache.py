@@ -8,7 +8,7 @@ is a sha256 over everything that changes the tokens or their loss masks:
 - its row format, max_seq_len and train_on_prompt;
 - the tokenizer: the content of its files (tokenizer.json, tokenizer_config.json, *.model, ...), its class,
   size and special tokens, and for chat and ShareGPT rows the chat template in use;
-- the tokenizing code (the source of msplora_dist.train.data and .prompts).
+- the reading and tokenizing code (the source of msplora_dist.train.rows, .data and .prompts).
 
 Ranks start without a process group (the data is checked before any model loads), so they agree through a
 file lock beside the entry: the first to take it tokenizes and writes the entry (into a temporary folder,
@@ -29,6 +29,7 @@ from filelock import FileLock
 
 from msplora_dist.train import data as data_module
 from msplora_dist.train import prompts as prompts_module
+from msplora_dist.train import rows as rows_module
 from msplora_dist.train.data import CHAT_FORMATS, tokenize_rows
 from msplora_dist.utils.log import log
 
@@ -51,7 +52,8 @@ def _sha256_file(path: Path) -> str:
 
 def code_version() -> str:
     """The tokenizing code: a change to how rows become tokens must not reuse tokens made the old way."""
-    return hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (data_module, prompts_module))).hexdigest()[:16]
+    modules = (data_module, prompts_module, rows_module)
+    return hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in modules)).hexdigest()[:16]
 
 
 def tokenizer_fingerprint(tokenizer, fmt: str) -> dict:
@@ -85,28 +87,29 @@ def tokenize_cached(rows: datasets.Dataset, fmt: str, tokenizer, max_seq_len: in
                     label: str, split: str, subset: str | None, files: list[Path], cache_dir: Path | None) -> datasets.Dataset:
     """data.tokenize_rows(rows), from the cache when an entry for the same key exists (memory-mapped), else
     tokenized and stored there. cache_dir None: no cache, tokenized every time."""
+    file = files[0] if len(files) == 1 else None  # a bad row is named by its line there
     if cache_dir is None:
-        return tokenize_rows(rows, fmt, tokenizer, max_seq_len, train_on_prompt, label)
+        return tokenize_rows(rows, fmt, tokenizer, max_seq_len, train_on_prompt, label, file=file)
     key, parts = cache_key(label, split, subset, files, fmt, tokenizer, max_seq_len, train_on_prompt)
     entry = cache_dir / key
     locks = cache_dir / "locks"
     locks.mkdir(parents=True, exist_ok=True)
     with FileLock(str(locks / f"{key}.lock")):
         if not (entry / "meta.json").is_file():
-            _build(entry, rows, fmt, tokenizer, max_seq_len, train_on_prompt, label, key, parts)
+            _build(entry, rows, fmt, tokenizer, max_seq_len, train_on_prompt, label, key, parts, file)
             log(f"data: tokenized {label} into the cache, {entry}")
         else:
             log(f"data: {label} reused from the cache (tokenized by an earlier run or another rank), {entry}")
     return datasets.Dataset.from_file(str(entry / DATA_FILE))
 
 
-def _build(entry: Path, rows, fmt, tokenizer, max_seq_len, train_on_prompt, label, key, parts) -> None:
+def _build(entry: Path, rows, fmt, tokenizer, max_seq_len, train_on_prompt, label, key, parts, file) -> None:
     tmp = entry.with_name(f".tmp-{entry.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         tokenized = tokenize_rows(rows, fmt, tokenizer, max_seq_len, train_on_prompt, label,
-                                  cache_file=str(tmp / DATA_FILE), fingerprint=key)
+                                  cache_file=str(tmp / DATA_FILE), fingerprint=key, file=file)
         del tokenized  # the Arrow file is complete once map returns
         (tmp / "meta.json").write_text(json.dumps(parts, indent=1))
         shutil.rmtree(entry, ignore_errors=True)  # an incomplete entry of an earlier, killed run

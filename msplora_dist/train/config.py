@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import itertools
 import math
 import typing
@@ -403,8 +404,27 @@ def _metavar(name: str, hint) -> str:
     return name.upper()
 
 
+def close_match(name: str, known) -> str:
+    """ "; did you mean X?" for the closest of `known` to a misspelt `name`, else "" (difflib's similarity)."""
+    match = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f"; did you mean {match[0]}?" if match else ""
+
+
+class FlagParser(argparse.ArgumentParser):
+    """argparse whose errors are one-line ConfigErrors (the entry point prints them and exits 2) instead of the whole
+    usage block, with the closest flag for a misspelt one: `--lrr 1e-3` says "did you mean --lr?"."""
+
+    def error(self, message: str):
+        if message.startswith("unrecognized arguments: "):
+            flags = self._option_string_actions
+            unknown = [a.split("=", 1)[0] for a in message.removeprefix("unrecognized arguments: ").split() if a.startswith("-")]
+            if unknown:
+                raise ConfigError(f"unknown flag {unknown[0]}{close_match(unknown[0], flags) or ' (see --help)'}")
+        raise ConfigError(f"{message} (see --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = FlagParser(
         prog="deepspeed launch/train.py",
         description="Fine-tune a LLaMA-family model with MSPLoRA on DeepSpeed. Launch it with DeepSpeed's launcher:\n\n"
         "  deepspeed launch/train.py --ds_config ds_configs/zero3.json             # the embedded default, CPU or 1 GPU\n"
@@ -442,7 +462,8 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
             raise ConfigError(f"--config {str(path)!r}: expected a mapping of field: value, got {type(loaded).__name__}")
         unknown = sorted(set(loaded) - set(hints) - {"config"})
         if unknown:
-            raise ConfigError(f"--config {str(path)!r}: unknown fields {unknown}; expected fields of TrainConfig (see --help)")
+            raise ConfigError(f"--config {str(path)!r}: unknown fields {unknown}; expected fields of TrainConfig (see --help)"
+                              f"{close_match(unknown[0], hints)}")
         values.update(loaded)
     values.update(args)
     converted = {k: _convert(k, v, hints[k]) for k, v in values.items()}

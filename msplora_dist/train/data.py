@@ -1,4 +1,4 @@
-"""Data: load rows with the datasets library, tokenize with loss masks, and sample global batches.
+"""Data: tokenize rows (read by msplora_dist.train.rows) with loss masks, and sample global batches.
 
 Every tokenized example carries input_ids, labels (-100 where no loss is taken) and num_loss_tokens.
 The first token (bos) never carries a loss, so the shifted cross-entropy sees exactly num_loss_tokens
@@ -10,8 +10,6 @@ step k holds the same examples whatever the split into ranks x micro-batches x a
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,145 +17,42 @@ import datasets
 import torch
 from jinja2 import TemplateError
 
-from msplora_dist.errors import DataError
-from msplora_dist.train.prompts import DEFAULT_CHAT_TEMPLATE, alpaca_prompt, sharegpt_messages
+from msplora_dist.errors import DataError, RowError
+from msplora_dist.train.prompts import alpaca_prompt, check_turns, ensure_chat_template, leading_bos, sharegpt_messages
+from msplora_dist.train.rows import row_namer
 
 IGNORE_INDEX = -100
-FORMATS = {"alpaca": ("instruction", "output"), "chat": ("messages",), "sharegpt": ("conversations",), "text": ("text",)}
 CHAT_FORMATS = ("chat", "sharegpt")  # rendered by the chat template
-
-
-# --- loading ------------------------------------------------------------------------------------------
-
-def _locate_json_error(path: Path) -> str:
-    """Find the first malformed line of a JSON Lines file (datasets' own error does not say)."""
-    with open(path, encoding="utf-8", errors="replace") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                return f"line {lineno}: {err.msg} (column {err.colno})"
-            if not isinstance(row, dict):
-                return f"line {lineno}: expected a JSON object per line, got {type(row).__name__}"
-    return "no malformed line found"
-
-
-def _check_utf8(path: Path) -> None:
-    """JSON data must be UTF-8: a UTF-16 file (Windows editors write them) would otherwise be "Expecting value"."""
-    with open(path, "rb") as fh:
-        head = fh.read(1 << 16)
-    boms = {b"\xff\xfe\x00\x00": "UTF-32", b"\x00\x00\xfe\xff": "UTF-32", b"\xff\xfe": "UTF-16", b"\xfe\xff": "UTF-16"}
-    found = next((f"is {name} encoded" for bom, name in boms.items() if head.startswith(bom)), None)
-    if found is None and b"\x00" in head:
-        found = "is UTF-16 or UTF-32 encoded (it holds NUL bytes)"
-    if found is None:
-        try:
-            head.decode("utf-8")
-        except UnicodeDecodeError as err:
-            if err.start < len(head) - 4:  # not just a character cut at the end of the sample
-                found = f"is not UTF-8 (an invalid byte at offset {err.start})"
-    if found:
-        raise DataError(f"data {str(path)!r} {found}; expected UTF-8 JSON")
-
-
-def _holds_one_object(path: Path) -> bool:
-    """True for a .json file that is a single JSON object (which datasets would read as one row, or as columns)."""
-    text = path.read_text(encoding="utf-8-sig", errors="replace")
-    if not text.lstrip().startswith("{"):
-        return False
-    try:
-        return isinstance(json.loads(text), dict)
-    except json.JSONDecodeError:
-        return False  # JSON Lines: several objects
-
-
-def load_rows(path: str | os.PathLike) -> datasets.Dataset:
-    """A datasets.Dataset from a .json/.jsonl/.parquet file or a save_to_disk directory."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"data {str(path)!r} does not exist; expected a .json/.jsonl/.parquet file or a datasets folder")
-    try:
-        if path.is_dir():
-            ds = datasets.load_from_disk(str(path))
-            if isinstance(ds, datasets.DatasetDict):
-                if "train" not in ds:
-                    raise DataError(f"data {str(path)!r} holds splits {list(ds)}; expected a 'train' split or a single Dataset")
-                ds = ds["train"]
-            return ds
-        suffix = path.suffix.lower()
-        if suffix in (".json", ".jsonl"):
-            _check_utf8(path)
-            if suffix == ".json" and _holds_one_object(path):
-                raise DataError(f"data {str(path)!r} holds one JSON object; expected a JSON array of rows, or JSON Lines "
-                                "(one object per line)")
-            if suffix == ".json" and path.read_text(encoding="utf-8", errors="replace").lstrip().startswith("["):
-                try:
-                    rows = json.loads(path.read_text(encoding="utf-8"))
-                except json.JSONDecodeError as err:
-                    raise DataError(f"data {str(path)!r}: line {err.lineno}: {err.msg} (column {err.colno})") from None
-                if not all(isinstance(r, dict) for r in rows):
-                    raise DataError(f"data {str(path)!r}: expected a JSON array of objects")
-                return datasets.Dataset.from_list(rows)
-            # datasets logs its own parse error before raising; ours (below) names the line instead.
-            verbosity = datasets.logging.get_verbosity()
-            datasets.logging.set_verbosity(datasets.logging.CRITICAL)
-            try:
-                return datasets.load_dataset("json", data_files=str(path), split="train")
-            finally:
-                datasets.logging.set_verbosity(verbosity)
-        if suffix == ".parquet":
-            return datasets.load_dataset("parquet", data_files=str(path), split="train")
-    except DataError:
-        raise
-    except Exception as err:  # datasets wraps parse errors in many types; re-raise with the line
-        if path.suffix.lower() in (".json", ".jsonl"):
-            raise DataError(f"data {str(path)!r}: {_locate_json_error(path)}") from None
-        raise DataError(f"data {str(path)!r} could not be read ({type(err).__name__}: {err})") from None
-    raise DataError(f"data {str(path)!r}: unknown file type {path.suffix!r}; expected .json, .jsonl, .parquet or a datasets folder")
-
-
-def detect_format(ds: datasets.Dataset, source: str) -> str:
-    columns = set(ds.column_names)
-    for name, needed in FORMATS.items():
-        if set(needed) <= columns:
-            return name
-    expected = "; ".join(f"{k}: {', '.join(v)}" for k, v in FORMATS.items())
-    raise DataError(f"data {source!r} has fields {sorted(columns)}; expected one of the row formats ({expected})")
 
 
 # --- tokenizing ---------------------------------------------------------------------------------------
 
-def ensure_chat_template(tokenizer) -> None:
-    if not getattr(tokenizer, "chat_template", None):
-        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
-
-
-def _segments(row: dict, fmt: str, tokenizer, lineno: int) -> list[tuple[str, bool]]:
-    """The row as (text, takes_loss) segments, in order."""
+def _segments(row: dict, fmt: str, tokenizer, field: str = "messages") -> list[tuple[str, bool]]:
+    """The row as (text, takes_loss) segments, in order. Raises RowError."""
     if fmt == "alpaca":
         instruction, output = row.get("instruction"), row.get("output")
         if not isinstance(instruction, str) or not isinstance(output, str):
-            raise DataError(f"row {lineno}: 'instruction' and 'output' must be strings, got "
-                            f"{type(instruction).__name__} and {type(output).__name__}")
+            raise RowError("'instruction' and 'output' must be strings, got "
+                           f"{type(instruction).__name__} and {type(output).__name__}")
         input_text = row.get("input") or ""
         if not isinstance(input_text, str):
-            raise DataError(f"row {lineno}: 'input' must be a string (or absent), got {type(input_text).__name__}")
+            raise RowError(f"'input' must be a string (or absent), got {type(input_text).__name__}")
         return [(alpaca_prompt(instruction, input_text), False), (output, True)]
     if fmt == "text":
         if not isinstance(row.get("text"), str):
-            raise DataError(f"row {lineno}: 'text' must be a string, got {type(row.get('text')).__name__}")
+            raise RowError(f"'text' must be a string, got {type(row.get('text')).__name__}")
         return [(row["text"], True)]
     messages = row.get("messages")
     if not isinstance(messages, list) or not messages or not all(
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages):
-        raise DataError(f"row {lineno}: 'messages' must be a non-empty list of {{role, content}} strings")
+        raise RowError(f"'{field}' must be a non-empty list of {{role, content}} strings")
+    check_turns(messages, field)
+
     def render(prefix: list[dict], generation_prompt: bool = False) -> str:
         try:
             return tokenizer.apply_chat_template(prefix, tokenize=False, add_generation_prompt=generation_prompt)
         except TemplateError as err:  # templates raise on roles or orders they do not support
-            raise DataError(f"row {lineno}: the tokenizer's chat template refused the conversation: {err}") from None
+            raise RowError(f"the tokenizer's chat template refused the conversation: {err}") from None
 
     # Render growing prefixes: the text added by each assistant turn takes the loss. This works for any
     # template that renders a conversation's prefix as a prefix of the whole.
@@ -165,9 +60,9 @@ def _segments(row: dict, fmt: str, tokenizer, lineno: int) -> list[tuple[str, bo
     for i, message in enumerate(messages):
         if message["role"] == "assistant":
             through = render(messages[: i + 1])
-            before = render(messages[:i], generation_prompt=True) if i else _opening_header(render, lineno)
+            before = render(messages[:i], generation_prompt=True) if i else _opening_header(render)
             if not before.startswith(rendered) or not through.startswith(before):
-                raise DataError(f"row {lineno}: the tokenizer's chat template does not render conversations prefix by prefix")
+                raise RowError("the tokenizer's chat template does not render conversations prefix by prefix")
             segments += [(before[len(rendered):], False), (through[len(before):], True)]
             rendered = through
     full = render(messages)
@@ -176,13 +71,13 @@ def _segments(row: dict, fmt: str, tokenizer, lineno: int) -> list[tuple[str, bo
     return [s for s in segments if s[0]]
 
 
-def _opening_header(render, lineno: int) -> str:
+def _opening_header(render) -> str:
     """What the template writes before the content of a conversation's opening assistant turn (the part that
     takes no loss): rendered around a marker no real content contains, since templates may trim content."""
     marker = "\x00MSPLORA-CONTENT\x00"
     text = render([{"role": "assistant", "content": marker}])
     if marker not in text:
-        raise DataError(f"row {lineno}: the tokenizer's chat template does not write an opening assistant turn's content as given")
+        raise RowError("the tokenizer's chat template does not write an opening assistant turn's content as given")
     return text[:text.index(marker)]
 
 
@@ -213,23 +108,60 @@ def _loss_mask(tokenizer, text: str, spans: list[tuple[int, int]]) -> tuple[list
     return ids, mask
 
 
-def tokenize_row(row: dict, fmt: str, tokenizer, max_seq_len: int, train_on_prompt: bool, lineno: int = 0) -> dict:
+def _is_empty(row: dict, fmt: str) -> bool:
+    """Every text field of a (checked) row is empty or whitespace: it holds no example."""
+    if fmt == "alpaca":
+        return not any((row.get(k) or "").strip() for k in ("instruction", "input", "output"))
+    if fmt == "text":
+        return not row["text"].strip()
+    return not any(m["content"].strip() for m in row["messages"])
+
+
+CHARS_PER_TOKEN_BOUND = 32
+"""A row's text is tokenized at most this many characters per max_seq_len token at first (see _capped_loss_mask)."""
+
+
+def _capped_loss_mask(tokenizer, text: str, spans: list[tuple[int, int]], max_seq_len: int) -> tuple[list[int], list[bool]]:
+    """_loss_mask of enough of `text` for its first max_seq_len tokens, which are all a row keeps: a 50 MB row is not
+    tokenized whole (10 GB of offsets, minutes) to be cut to max_seq_len tokens.
+
+    This loses nothing. A token of any tokenizer transformers ships covers at least a fraction of a character (a
+    byte-fallback piece) and rarely more than a few, so max_seq_len * CHARS_PER_TOKEN_BOUND characters give far more
+    than max_seq_len tokens; and tokenizers merge within a word or pre-tokenized piece, so the tokens long before the
+    cut are those of the whole text. Requiring 2 * max_seq_len tokens from the cut text keeps the kept tokens a full
+    max_seq_len tokens away from the cut even for a tokenizer that drops or merges many characters; short of that,
+    four times the text is tried, up to all of it."""
+    limit = max_seq_len * CHARS_PER_TOKEN_BOUND
+    while len(text) > limit:
+        ids, mask = _loss_mask(tokenizer, text[:limit], [(a, min(b, limit)) for a, b in spans if a < limit])
+        if len(ids) >= 2 * max_seq_len:
+            return ids, mask
+        limit *= 4
+    return _loss_mask(tokenizer, text, spans)
+
+
+def _tokenize_row(row: dict, fmt: str, tokenizer, max_seq_len: int, train_on_prompt: bool) -> dict:
+    """tokenize_row without the row's name: raises RowError."""
+    field = "messages"
     if fmt == "sharegpt":
-        row, fmt = {"messages": sharegpt_messages(row.get("conversations"), lineno)}, "chat"
-    segments = _segments(row, fmt, tokenizer, lineno)
+        row, fmt, field = {"messages": sharegpt_messages(row.get("conversations"))}, "chat", "conversations"
+    segments = _segments(row, fmt, tokenizer, field)
+    if _is_empty(row, fmt):
+        # Dropped and counted (keep_trainable), not refused: exports of large corpora hold a few such rows, and one
+        # should not stop a run. Kept, it would teach an empty prompt an immediate eos (its one loss token).
+        return {"input_ids": [], "labels": [], "num_loss_tokens": 0, "truncated": False, "empty": True}
     text, spans = "", []
     for piece, takes_loss in segments:
         if takes_loss or train_on_prompt:
             spans.append((len(text), len(text) + len(piece)))
         text += piece
-    ids, mask = _loss_mask(tokenizer, text, spans)
+    ids, mask = _capped_loss_mask(tokenizer, text, spans, max_seq_len)
     if fmt != "chat":  # alpaca and text rows end with eos so the model learns to stop; chat templates add their own
         ids.append(tokenizer.eos_token_id)
         mask.append(segments[-1][1] or train_on_prompt)
-    # Chat templates often write the bos token themselves (Llama-2's, the shipped tiny model's).
-    template_has_bos = fmt == "chat" and bool(tokenizer.bos_token) and text.startswith(tokenizer.bos_token)
-    if tokenizer.bos_token_id is not None and not template_has_bos:
-        ids, mask = [tokenizer.bos_token_id, *ids], [False, *mask]
+    # The bos rule sampling uses too (prompts.prompt_token_ids), so a prompt starts as its training rows did.
+    bos = leading_bos(tokenizer, text, chat=fmt == "chat")
+    ids, mask = bos + ids, [False] * len(bos) + mask
     labels = [t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)]
     truncated = len(ids) > max_seq_len
     ids, labels = ids[:max_seq_len], labels[:max_seq_len]
@@ -238,7 +170,16 @@ def tokenize_row(row: dict, fmt: str, tokenizer, max_seq_len: int, train_on_prom
     if labels:
         labels[0] = IGNORE_INDEX
     n_loss = sum(1 for t in labels if t != IGNORE_INDEX)
-    return {"input_ids": ids, "labels": labels, "num_loss_tokens": n_loss, "truncated": truncated}
+    return {"input_ids": ids, "labels": labels, "num_loss_tokens": n_loss, "truncated": truncated, "empty": False}
+
+
+def tokenize_row(row: dict, fmt: str, tokenizer, max_seq_len: int, train_on_prompt: bool, where: str = "row ?") -> dict:
+    """One row as input_ids, labels, num_loss_tokens, truncated and empty (every text field empty: dropped later).
+    A malformed row is a DataError naming it as `where` ("line 7")."""
+    try:
+        return _tokenize_row(row, fmt, tokenizer, max_seq_len, train_on_prompt)
+    except RowError as err:
+        raise DataError(f"{where}: {err}") from None
 
 
 @dataclass
@@ -247,20 +188,29 @@ class TokenizedSplit:
     num_rows: int
     num_truncated: int
     num_dropped: int
+    """Rows without a loss token left after truncation."""
+    num_empty: int = 0
+    """Rows whose every text field is empty, dropped too."""
 
 
 def tokenize_rows(ds: datasets.Dataset, fmt: str, tokenizer, max_seq_len: int, train_on_prompt: bool, source: str,
-                  cache_file: str | None = None, fingerprint: str | None = None) -> datasets.Dataset:
-    """Every row tokenized (input_ids, labels, num_loss_tokens, truncated), rows without a loss token kept.
+                  cache_file: str | None = None, fingerprint: str | None = None, file: Path | None = None) -> datasets.Dataset:
+    """Every row tokenized (input_ids, labels, num_loss_tokens, truncated, empty), rows without a loss token kept.
     With cache_file the result is written there as Arrow (msplora_dist.train.cache), under `fingerprint` (which
-    spares datasets hashing the tokenizer); else where datasets puts it."""
+    spares datasets hashing the tokenizer); else where datasets puts it. `file`: the one file the rows were read
+    from, so that a bad row is named by its line there (row_namer)."""
     if len(ds) == 0:
         raise DataError(f"data {source!r} has no rows; expected at least one example")
     if fmt in CHAT_FORMATS:
         ensure_chat_template(tokenizer)
 
+    name = row_namer(file)
+
     def fn(row, idx):
-        return tokenize_row(row, fmt, tokenizer, max_seq_len, train_on_prompt, lineno=idx + 1)
+        try:
+            return _tokenize_row(row, fmt, tokenizer, max_seq_len, train_on_prompt)
+        except RowError as err:
+            raise DataError(f"{name(idx)}: {err}") from None
 
     try:
         return ds.map(fn, with_indices=True, remove_columns=ds.column_names, desc="tokenizing", load_from_cache_file=False,
@@ -271,19 +221,24 @@ def tokenize_rows(ds: datasets.Dataset, fmt: str, tokenizer, max_seq_len: int, t
 
 def keep_trainable(tokenized: datasets.Dataset, source: str, max_seq_len: int) -> TokenizedSplit:
     """The rows that have a loss token left after truncation, and the counts of what was cut."""
-    num_truncated = int(sum(tokenized["truncated"]))
+    num_truncated, num_empty = int(sum(tokenized["truncated"])), int(sum(tokenized["empty"]))
     # keep_in_memory: an indices mapping in memory, never a file beside a (shared, cached) Arrow file.
     kept = tokenized.filter(lambda n: [x > 0 for x in n], input_columns="num_loss_tokens", batched=True,
                             load_from_cache_file=False, keep_in_memory=True)
+    if len(kept) == 0 and num_empty == len(tokenized):
+        raise DataError(f"data {source!r}: all of its {len(tokenized)} rows are empty (every field an empty string); "
+                        "expected examples")
     if len(kept) == 0:
         raise DataError(f"data {source!r}: none of its {len(tokenized)} rows has a response token within max_seq_len={max_seq_len}; "
                         "expected shorter prompts or a larger max_seq_len")
-    return TokenizedSplit(kept.remove_columns("truncated"), len(tokenized), num_truncated, len(tokenized) - len(kept))
+    return TokenizedSplit(kept.remove_columns(["truncated", "empty"]), len(tokenized), num_truncated,
+                          len(tokenized) - len(kept) - num_empty, num_empty)
 
 
 def tokenize_dataset(ds: datasets.Dataset, fmt: str, tokenizer, max_seq_len: int, train_on_prompt: bool,
-                     source: str) -> TokenizedSplit:
-    return keep_trainable(tokenize_rows(ds, fmt, tokenizer, max_seq_len, train_on_prompt, source), source, max_seq_len)
+                     source: str, file: Path | None = None) -> TokenizedSplit:
+    return keep_trainable(tokenize_rows(ds, fmt, tokenizer, max_seq_len, train_on_prompt, source, file=file), source,
+                          max_seq_len)
 
 
 def pack_examples(ds: datasets.Dataset, max_seq_len: int, seed: int) -> datasets.Dataset:

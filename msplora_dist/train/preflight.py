@@ -27,10 +27,10 @@ from msplora_dist.train.backbone import (
 )
 from msplora_dist.train.cache import default_cache_dir, tokenize_cached
 from msplora_dist.train.config import ATTN_IMPLEMENTATIONS, TrainConfig
-from msplora_dist.train.data import GlobalBatchSampler, ensure_chat_template, keep_trainable, pack_examples
+from msplora_dist.train.data import GlobalBatchSampler, keep_trainable, pack_examples
 from msplora_dist.train.hub import resolve_model
 from msplora_dist.train.kernels import resolve_liger
-from msplora_dist.train.prompts import read_chat_template
+from msplora_dist.train.prompts import ensure_chat_template, read_chat_template
 from msplora_dist.train.sources import hold_out, load_sources, mix, mix_summary
 from msplora_dist.train.state import check_resume_compatible, check_resume_data, checkpoint_root, find_resume_dir
 from msplora_dist.utils.log import log
@@ -97,7 +97,8 @@ def prepare_data(cfg: TrainConfig, tokenizer):
         train_tok, eval_tok = hold_out(tokenized(loaded, i), 0 if cfg.eval_data else cfg.eval_fraction, cfg.seed)
         train = keep_trainable(train_tok, loaded.source.path, cfg.max_seq_len)
         log(f"data: {train.num_rows} {loaded.fmt} rows from {loaded.source.path}; {train.num_truncated} truncated to "
-            f"{cfg.max_seq_len} tokens, {train.num_dropped} dropped (no response token left)")
+            f"{cfg.max_seq_len} tokens, {train.num_dropped} dropped (no response token left), {train.num_empty} empty "
+            "dropped (every field an empty string)")
         train_parts.append(train.dataset)
         if eval_tok is not None:
             eval_parts.append(keep_trainable(eval_tok, loaded.source.path, cfg.max_seq_len))
@@ -110,7 +111,8 @@ def prepare_data(cfg: TrainConfig, tokenizer):
     if eval_parts:
         eval_ds = datasets.concatenate_datasets([e.dataset for e in eval_parts])
         log(f"eval: {len(eval_ds)} rows ({sum(e.num_truncated for e in eval_parts)} truncated, "
-            f"{sum(e.num_dropped for e in eval_parts)} dropped: no response token left)")
+            f"{sum(e.num_dropped for e in eval_parts)} dropped: no response token left, "
+            f"{sum(e.num_empty for e in eval_parts)} empty dropped)")
     if cfg.packing:
         train_ds = pack_examples(train_ds, cfg.max_seq_len, cfg.seed)
     return train_ds, eval_ds

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from msplora_dist.errors import ConfigError, DataError
+from msplora_dist.errors import ConfigError, RowError
 
 DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -95,18 +95,55 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
                   "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "system": "system"}
 
 
-def sharegpt_messages(conversations, lineno: int) -> list[dict]:
+def sharegpt_messages(conversations) -> list[dict]:
     """A ShareGPT row's `conversations` ([{from, value}]) as chat messages ([{role, content}])."""
     if not isinstance(conversations, list) or not conversations:
-        raise DataError(f"row {lineno}: 'conversations' must be a non-empty list of {{from, value}} turns, "
-                        f"got {type(conversations).__name__ if conversations is not None else 'null'}")
+        raise RowError("'conversations' must be a non-empty list of {from, value} turns, "
+                       f"got {type(conversations).__name__ if conversations is not None else 'null'}")
     messages = []
     for i, turn in enumerate(conversations):
         speaker = turn.get("from") if isinstance(turn, dict) else None
         value = turn.get("value") if isinstance(turn, dict) else None
         if speaker not in SHAREGPT_ROLES:
-            raise DataError(f"row {lineno}: conversations[{i}].from is {speaker!r}; expected one of human, gpt, system")
+            raise RowError(f"conversations[{i}].from is {speaker!r}; expected one of human, gpt, system")
         if not isinstance(value, str):
-            raise DataError(f"row {lineno}: conversations[{i}].value must be a string, got {type(value).__name__}")
+            raise RowError(f"conversations[{i}].value must be a string, got {type(value).__name__}")
         messages.append({"role": SHAREGPT_ROLES[speaker], "content": value})
     return messages
+
+
+def check_turns(messages: list[dict], field: str = "messages") -> None:
+    """A conversation is an optional system turn, then user and assistant turns taking turns (either may open).
+    Two user turns in a row would train the reply to the second as if it answered both, and a tool or other role
+    is a layout the loss masks were not written for: both are refused, naming the turn (`field`[i])."""
+    for i, message in enumerate(messages):
+        role = message["role"]
+        if role == "system" and i == 0:
+            continue
+        if role == "system":
+            raise RowError(f"{field}[{i}] is a system turn after the first; expected the system turn to open the conversation")
+        if role not in ("user", "assistant"):
+            raise RowError(f"{field}[{i}] has role {role!r}; expected system (first), user or assistant")
+        if i and messages[i - 1]["role"] == role:
+            raise RowError(f"{field}[{i}] is a second {role} turn in a row; expected user and assistant turns to alternate")
+
+
+# --- the prompt's first token: the same for training and sampling -------------------------------------
+
+def ensure_chat_template(tokenizer) -> None:
+    """The tokenizer's own chat template, or DEFAULT_CHAT_TEMPLATE when it has none (a base model)."""
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+
+
+def leading_bos(tokenizer, text: str, chat: bool) -> list[int]:
+    """[bos] before the tokens of `text`, or [] when the tokenizer has no bos or the chat template wrote it itself
+    (Llama-2's, the shipped tiny model's): a conversation starts with exactly one bos whatever the template."""
+    template_has_bos = chat and bool(tokenizer.bos_token) and text.startswith(tokenizer.bos_token)
+    return [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and not template_has_bos else []
+
+
+def prompt_token_ids(tokenizer, text: str, chat: bool) -> list[int]:
+    """The ids a sampler feeds for a prompt `text`, as training starts a row: leading_bos, then the text tokenized
+    without the tokenizer's own special tokens (data.tokenize_row builds its rows the same way)."""
+    return leading_bos(tokenizer, text, chat) + list(tokenizer(text, add_special_tokens=False)["input_ids"])

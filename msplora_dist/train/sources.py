@@ -17,8 +17,8 @@ import datasets
 import numpy as np
 
 from msplora_dist.train.config import DataSource
-from msplora_dist.train.data import detect_format, load_rows
 from msplora_dist.train.hub import is_hub_name, load_data_folder, load_hub_dataset
+from msplora_dist.train.rows import detect_format, load_rows
 
 
 def is_saved_dataset(path: Path) -> bool:
@@ -27,7 +27,7 @@ def is_saved_dataset(path: Path) -> bool:
 
 
 def load_source(source: DataSource) -> datasets.Dataset:
-    """The rows of one source: a local file or save_to_disk folder (data.load_rows), a folder of data files,
+    """The rows of one source: a local file or save_to_disk folder (rows.load_rows), a folder of data files,
     or a Hub dataset name."""
     path = Path(source.path).expanduser()
     if path.is_file() or (path.is_dir() and is_saved_dataset(path)):

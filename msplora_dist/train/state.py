@@ -60,9 +60,31 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# What every checkpoint's manifest lists (save_checkpoint writes them all): a manifest without one of them is not a
+# trainer's checkpoint, however well its listed files match.
+REQUIRED_FILES = ("trainer_state.json", "adapter/", "ds/", "rng-rank0.pt")
+
+
 def verify_checkpoint(directory: Path) -> str | None:
     """None if `directory` is a complete checkpoint, else what is wrong with it."""
-    return verify_manifest(directory)
+    problem = verify_manifest(directory)
+    if problem is not None:
+        return problem
+    listed = json.loads((directory / "manifest.json").read_text())["files"]
+    absent = [name for name in REQUIRED_FILES
+              if not any(rel == name or (name.endswith("/") and rel.startswith(name)) for rel in listed)]
+    if absent:
+        return f"its manifest lists no {', '.join(absent)} (not a checkpoint the trainer wrote)"
+    try:
+        state = json.loads((directory / "trainer_state.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        state = None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or not isinstance(state.get("world_size"), int):
+        return "its trainer_state.json has no integer step and world_size"
+    missing = [f"rng-rank{r}.pt" for r in range(state["world_size"]) if f"rng-rank{r}.pt" not in listed]
+    if missing:
+        return f"its manifest lists no {missing[0]} of its {state['world_size']} ranks"
+    return None
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:

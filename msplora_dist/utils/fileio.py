@@ -95,14 +95,14 @@ def write_manifest(directory: Path) -> None:
 
 
 def verify_manifest(directory: Path) -> str | None:
-    """None if every file `directory`/manifest.json lists is there with its size and sha256, else what is wrong."""
+    """None if every file `directory`/manifest.json lists is there with its size and sha256, else what is wrong
+    (a manifest that is not the {"files": {path: {bytes, sha256}}} write_manifest writes included)."""
     manifest = directory / MANIFEST
     if not manifest.is_file():
         return "no manifest.json (the write did not finish)"
-    try:
-        files = json.loads(manifest.read_text())["files"]
-    except (json.JSONDecodeError, KeyError) as err:
-        return f"unreadable manifest.json ({err})"
+    files = _read_manifest(manifest)
+    if isinstance(files, str):
+        return f"malformed manifest.json ({files})"
     for rel, info in files.items():
         f = directory / rel
         if not f.is_file():
@@ -110,3 +110,20 @@ def verify_manifest(directory: Path) -> str | None:
         if f.stat().st_size != info["bytes"] or sha256_file(f) != info["sha256"]:
             return f"{rel} does not match its checksum"
     return None
+
+
+def _read_manifest(manifest: Path) -> dict | str:
+    """The manifest's files mapping, or what is wrong with it."""
+    try:
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        return f"not JSON: {err}"
+    files = data.get("files") if isinstance(data, dict) else None
+    if not isinstance(files, dict):
+        return "expected a JSON object with a 'files' mapping"
+    for rel, info in files.items():
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+            return f"entry {rel!r} is not a path inside the folder"
+        if not (isinstance(info, dict) and isinstance(info.get("bytes"), int) and isinstance(info.get("sha256"), str)):
+            return f"entry {rel!r} is not {{bytes, sha256}}"
+    return files

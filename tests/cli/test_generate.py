@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from msplora_dist import load_adapter
@@ -102,21 +103,21 @@ def test_chat_prompt_and_seeded_sampling(tiny, capfd, quiet_transformers):
     module = _main()
     tokenizer = AutoTokenizer.from_pretrained(base)
     assert tokenizer.chat_template is None  # so DEFAULT_CHAT_TEMPLATE is used
-    from msplora_dist.cli.generate import format_prompt
-
-    chat_text, special = format_prompt(tokenizer, "hi there", chat=True)
+    chat_ids = module.format_prompt(tokenizer, "hi there", chat=True)
     messages = [{"role": "user", "content": "hi there"}]
-    assert special is False and chat_text == tokenizer.apply_chat_template(
-        messages, chat_template=DEFAULT_CHAT_TEMPLATE, add_generation_prompt=True, tokenize=False)
+    chat_text = tokenizer.apply_chat_template(messages, chat_template=DEFAULT_CHAT_TEMPLATE, add_generation_prompt=True,
+                                              tokenize=False)
     assert chat_text.startswith("<|user|>\nhi there") and chat_text.endswith("<|assistant|>\n")
-    text, special = format_prompt(tokenizer, "Sort these.", input="b a", chat=False)
-    assert (text, special) == (alpaca_prompt("Sort these.", "b a"), True)
+    # One bos first, as training writes it before a chat row of a template that writes none.
+    assert chat_ids == [tokenizer.bos_token_id, *tokenizer(chat_text, add_special_tokens=False)["input_ids"]]
+    ids = module.format_prompt(tokenizer, "Sort these.", input="b a", chat=False)
+    assert ids == tokenizer(alpaca_prompt("Sort these.", "b a"))["input_ids"]
 
     rc, out, err = _run(module, capfd, "--model", base, "--adapter", adapter, "--prompt", "hi there", "--chat",
                         "--temperature", "0", "--max_new_tokens", "10")
     assert rc == 0, err
     model = load_adapter(load(base), adapter)
-    assert out == greedy(model, tokenizer, chat_text, 10, add_special_tokens=False) + "\n"
+    assert out == greedy(model, tokenizer, chat_text, 10) + "\n"
 
     sampled = [_run(module, capfd, "--model", base, "--adapter", adapter, "--prompt", "hi", "--temperature", "1.0",
                     "--top_p", "0.95", "--seed", str(seed), "--max_new_tokens", "16")[1] for seed in (3, 3, 4)]
@@ -141,3 +142,36 @@ def test_bad_input_is_one_line_and_exit_2(tiny, tmp_path, capfd, quiet_transform
         assert rc == 2, f"{name}: exit {rc}: {err}"
         assert "Traceback" not in err and len(lines) == 1, f"{name}: {err!r}"
         assert lines[0].startswith("error: ") and expected in lines[0], f"{name}: {err!r}"
+
+
+def _training_prompt_ids(tokenizer, row: dict, fmt: str) -> list[int]:
+    """The ids a training row has before its first loss token: what the model saw before the response."""
+    from msplora_dist.train.data import IGNORE_INDEX, tokenize_row
+    from msplora_dist.train.prompts import ensure_chat_template
+
+    ensure_chat_template(tokenizer)  # as the preflight does before any row is tokenized
+    ex = tokenize_row(row, fmt, tokenizer, 512, train_on_prompt=False)
+    first = next(i for i, t in enumerate(ex["labels"]) if t != IGNORE_INDEX)
+    return ex["input_ids"][:first]
+
+
+@pytest.mark.parametrize("which", ["char, no template", "tiny llama, its template (writes bos)", "tiny llama, no template"])
+def test_sampling_prompts_are_the_token_ids_training_rows_start_with(which):
+    from transformers import AutoTokenizer
+
+    from msplora_dist.cli.generate import format_prompt
+    from msplora_dist.train.config import ASSETS
+
+    tokenizer = char_tokenizer() if which.startswith("char") else AutoTokenizer.from_pretrained(ASSETS / "tiny_llama")
+    if "no template" in which:
+        tokenizer.chat_template = None
+    if "writes bos" in which:
+        assert tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False).startswith(tokenizer.bos_token)
+    system, user = "Answer briefly.", "What is two and two?"
+    chat = {"messages": [{"role": "system", "content": system}, {"role": "user", "content": user},
+                         {"role": "assistant", "content": "Four."}]}
+    trained = _training_prompt_ids(tokenizer, chat, "chat")
+    assert trained.count(tokenizer.bos_token_id) == 1 and trained[0] == tokenizer.bos_token_id
+    assert format_prompt(tokenizer, user, chat=True, system=system) == trained
+    alpaca = {"instruction": "Sort these.", "input": "b a", "output": "a b"}
+    assert format_prompt(tokenizer, "Sort these.", input="b a") == _training_prompt_ids(tokenizer, alpaca, "alpaca")

@@ -81,3 +81,24 @@ def test_help_is_grouped_shows_booleans_and_keeps_defaults_whole(monkeypatch):
     assert " msplora_dist/assets/tiny_llama)" in text.replace("\n", " ")
     assert all(not line.rstrip().endswith(("/", "_", "-")) for line in text.splitlines()), "a word was broken"
     assert "msplora_dist/assets/data/instructions.jsonl)" in text and "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj" in text
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--lrr", "1e-3"], "unknown flag --lrr; did you mean --lr?"),
+    (["--micro_batchsize", "2"], "unknown flag --micro_batchsize; did you mean --micro_batch_size?"),
+    (["--gradient_accum=4"], "unknown flag --gradient_accum; did you mean --grad_accum?"),
+    (["--zzzzzz", "1"], "unknown flag --zzzzzz (see --help)"),
+    (["--lr"], "argument --lr: expected one argument (see --help)"),
+])
+def test_a_bad_flag_is_one_line_with_the_closest_flag_not_the_usage_block(argv, message, capsys):
+    with pytest.raises(ConfigError) as err:
+        parse_config(argv)
+    assert str(err.value) == message
+    assert capsys.readouterr().err == ""  # argparse printed no usage block
+
+
+def test_a_misspelt_yaml_field_names_the_closest_one(tmp_path):
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("warmup_ratoi: 0.1\n")
+    with pytest.raises(ConfigError, match=r"unknown fields \['warmup_ratoi'\].*; did you mean warmup_ratio\?"):
+        parse_config(["--config", str(yaml_file)])

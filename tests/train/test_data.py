@@ -15,14 +15,13 @@ from msplora_dist.train.data import (
     IGNORE_INDEX,
     GlobalBatchSampler,
     collate,
-    detect_format,
     eval_batches,
-    load_rows,
     pack_examples,
     tokenize_dataset,
     tokenize_row,
 )
 from msplora_dist.train.prompts import alpaca_prompt
+from msplora_dist.train.rows import detect_format, load_rows
 
 TINY = ASSETS / "tiny_llama"
 
@@ -133,15 +132,15 @@ def test_the_loss_mask_of_tokenizers_without_offsets_equals_the_offset_one(token
 
 @pytest.mark.parametrize(("row", "fmt", "fragment"), [
     ({"instruction": "Add.", "input": 5, "output": "x"}, "alpaca", "row 7: 'input' must be a string (or absent), got int"),
-    ({"messages": [{"role": "tool", "content": "x"}, {"role": "assistant", "content": "y"}]}, "chat",
-     "row 7: the tokenizer's chat template refused the conversation: no tool turns"),
+    ({"messages": [{"role": "system", "content": "x"}, {"role": "assistant", "content": "y"}]}, "chat",
+     "row 7: the tokenizer's chat template refused the conversation: no system turns"),
 ])
 def test_rows_a_template_cannot_take_are_a_data_error_with_the_row(tokenizer, row, fmt, fragment):
     strict = AutoTokenizer.from_pretrained(str(TINY))
-    strict.chat_template = ("{% for m in messages %}{% if m['role'] == 'tool' %}{{ raise_exception('no tool turns') }}"
+    strict.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system turns') }}"
                             "{% endif %}{{ m['content'] }}{% endfor %}")
     with pytest.raises(DataError, match=re.escape(fragment)):
-        tokenize_row(row, fmt, strict, 256, train_on_prompt=False, lineno=7)
+        tokenize_row(row, fmt, strict, 256, train_on_prompt=False, where="row 7")
 
 
 def test_truncation_is_counted_and_rows_without_response_are_dropped(tokenizer, tmp_path):

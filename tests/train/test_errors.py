@@ -151,7 +151,7 @@ def test_zero_stage_0_is_refused(capsys, tmp_path):
 
 
 def fake_checkpoint(output_dir, ranks=(8, 4, 2), targets=("q_proj", "v_proj"), hidden=None, **state_fields):
-    """A complete checkpoint of another run: its adapter (the real format) and trainer state."""
+    """A complete checkpoint of another run: its adapter (the real format), trainer state and placeholder files."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from msplora_dist import MSPLoRAConfig, apply_msplora, save_adapter
@@ -165,6 +165,9 @@ def fake_checkpoint(output_dir, ranks=(8, 4, 2), targets=("q_proj", "v_proj"), h
     save_adapter(model, path / "adapter")
     state = {"step": 2, "world_size": 1, "history": []} | state_fields
     (path / "trainer_state.json").write_text(json.dumps(state))
+    (path / "ds" / "state").mkdir(parents=True)  # placeholders: the resume is refused before they are read
+    (path / "ds" / "state" / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    (path / "rng-rank0.pt").write_bytes(b"x")
     write_manifest(path)
     return path
 

@@ -120,9 +120,12 @@ def test_nonfinite_steps_are_skipped_and_too_many_in_a_row_stop_with_a_checkpoin
 
 
 def make_fake_checkpoint(root, step, files):
+    """A folder with the files every checkpoint has (placeholders) and `files`, and its manifest."""
     path = root / "checkpoints" / f"step-{step:08d}"
     path.mkdir(parents=True)
-    for name, data in files.items():
+    placeholders = {"trainer_state.json": json.dumps({"step": step, "world_size": 1}).encode(),
+                    "adapter/adapter_config.json": b"{}", "ds/state/mp_rank_00_model_states.pt": b"x", "rng-rank0.pt": b"x"}
+    for name, data in {**placeholders, **files}.items():
         (path / name).parent.mkdir(parents=True, exist_ok=True)
         (path / name).write_bytes(data)
     write_manifest(path)
@@ -130,13 +133,13 @@ def make_fake_checkpoint(root, step, files):
 
 
 def test_a_partial_or_corrupt_checkpoint_is_never_taken_for_the_latest(tmp_path):
-    good = make_fake_checkpoint(tmp_path, 4, {"adapter/x.bin": b"a" * 100, "trainer_state.json": b"{}"})
+    good = make_fake_checkpoint(tmp_path, 4, {"adapter/x.bin": b"a" * 100})
     # A kill during the next write leaves: the temporary folder (never a step-* name) ...
     (tmp_path / "checkpoints" / ".tmp-step-00000008").mkdir()
     (tmp_path / "checkpoints" / ".tmp-step-00000008" / "trainer_state.json").write_text("{}")
     assert find_resume_dir(tmp_path, "latest") == good
     # ... a renamed folder whose manifest was never written ...
-    no_manifest = make_fake_checkpoint(tmp_path, 8, {"trainer_state.json": b"{}"})
+    no_manifest = make_fake_checkpoint(tmp_path, 8, {})
     (no_manifest / "manifest.json").unlink()
     assert find_resume_dir(tmp_path, "latest") == good
     # ... or a file cut short or changed after the manifest was written.

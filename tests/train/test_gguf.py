@@ -127,19 +127,9 @@ def test_4bit_on_a_gguf_base_is_refused_with_the_conversion_to_run(capsys, tmp_p
 
 
 def test_resuming_on_a_gguf_base_checks_the_checkpoints_model(capsys, tmp_path, tiny_gguf):
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from tests.train.test_errors import fake_checkpoint
 
-    from msplora_dist import MSPLoRAConfig, apply_msplora, save_adapter
-    from msplora_dist.utils.fileio import write_manifest
-
-    config = AutoConfig.from_pretrained(TINY)  # a checkpoint of a wider model than the GGUF's
-    config.hidden_size, config.head_dim = 32, 32 // config.num_attention_heads
-    model = apply_msplora(AutoModelForCausalLM.from_config(config), MSPLoRAConfig(ranks=(8, 4, 2), target_modules=("q_proj", "v_proj"),
-                                                                                  num_mid_groups=2))
-    checkpoint = tmp_path / "out" / "checkpoints" / "step-00000002"
-    save_adapter(model, checkpoint / "adapter")
-    (checkpoint / "trainer_state.json").write_text(json.dumps({"step": 2, "world_size": 1, "history": []}))
-    write_manifest(checkpoint)
+    fake_checkpoint(tmp_path / "out", hidden=32)  # a checkpoint of a wider model than the GGUF's
     err = _refused(capsys, tmp_path, tiny_gguf, "--resume", "latest", "--ranks", "8,4,2", "--num_mid_groups", "2",
                    "--target_modules", "q_proj,v_proj")
     assert "was trained on a model with hidden_size=32; --model has hidden_size=64" in err

@@ -70,7 +70,7 @@ def test_a_bad_sharegpt_row_names_the_file_row_and_field(tmp_path, tokenizer, co
     data = write_jsonl(tmp_path / "sg.jsonl", [good, good, {"conversations": conversations}])
     with pytest.raises(DataError) as err:
         prepare_data(config(tmp_path, "--data", str(data)), tokenizer)
-    assert "sg.jsonl" in str(err.value) and "row 3: " in str(err.value) and fragment in str(err.value), str(err.value)
+    assert "sg.jsonl" in str(err.value) and "line 3: " in str(err.value) and fragment in str(err.value), str(err.value)
     assert not any((tmp_path / "cache").glob("*/meta.json"))  # nothing cached from a refused source
 
 

@@ -10,8 +10,18 @@ packed into one gzipped tar, cut into parts of --part_mb, with a manifest of sha
 
 --what base: corpus/manifest.json, tokenizer/, task/, base/ (never the corpus text: it is rebuilt from the
 Python installation, and the manifest's hashes say whether it would come out the same).
---what grid: grid/grid.json and, per cell, result.json, summary.json, train_config.yaml, train.log, plus the
-adapter/ directories of the cells matching --adapters (default: the two that report.py analyses).
+--what grid: grid/grid.json and, per cell, result.json, summary.json, train_config.yaml, train.log,
+generations.jsonl, plus the adapter/ directories of the cells matching --adapters (default: the two that
+report.py analyses).
+
+One file larger than a call carries (the 98 MB SmolLM2 GGUF) goes in several calls, one part each:
+
+    python -m experiments.quality.bundle split --file SmolLM2-135M-Instruct.Q4_1.gguf --parts 2 --out runs/smol/gguf
+    python -m experiments.quality.bundle join --src runs/smol/gguf --out models/SmolLM2-135M-Instruct.Q4_1.gguf
+
+split writes NAME.part0, NAME.part1, ... and NAME.split.json (size and sha256 of the file and of every part);
+join checks every part and the joined file against it, writes the file atomically, and fails naming what is
+missing or corrupt.
 """
 
 from __future__ import annotations
@@ -27,7 +37,7 @@ from pathlib import Path
 from experiments.quality import qlib
 from msplora_dist.utils.fileio import sha256_file
 
-CELL_FILES = ("result.json", "summary.json", "train_config.yaml", "train.log")
+CELL_FILES = ("result.json", "summary.json", "train_config.yaml", "train.log", "generations.jsonl")
 DEFAULT_ADAPTERS = ("lora_qv_r64__final__*__s1", "msp_qv_paper__final__*__s1")
 
 
@@ -118,6 +128,45 @@ def unpack(src: Path, root: Path) -> list[str]:
     return names
 
 
+def split_file(file: Path, parts: int, out: Path) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    size = file.stat().st_size
+    step = -(-size // parts)
+    record = {"file": file.name, "bytes": size, "sha256": sha256_file(file), "parts": []}
+    with open(file, "rb") as f:
+        for i in range(parts):
+            part = out / f"{file.name}.part{i}"
+            part.write_bytes(f.read(step))
+            record["parts"].append({"file": part.name, "bytes": part.stat().st_size, "sha256": sha256_file(part)})
+    qlib.write_json(out / f"{file.name}.split.json", record)
+    print(f"split {file} ({size / 2**20:.1f} MiB) into {parts} parts in {out}")
+    return record
+
+
+def join_file(src: Path, out: Path) -> Path:
+    records = sorted(src.glob("*.split.json"))
+    if len(records) != 1:
+        raise SystemExit(f"error: expected one *.split.json in {src}, found {len(records)}")
+    record = qlib.read_json(records[0])
+    for meta in record["parts"]:
+        part = src / meta["file"]
+        if not part.exists():
+            raise SystemExit(f"error: {part} is missing (each part travels in its own device call)")
+        if sha256_file(part) != meta["sha256"]:
+            raise SystemExit(f"error: {part} does not match its sha256 in {records[0]}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    with open(tmp, "wb") as f:
+        for meta in record["parts"]:
+            f.write((src / meta["file"]).read_bytes())
+    if sha256_file(tmp) != record["sha256"]:
+        tmp.unlink()
+        raise SystemExit(f"error: the joined {record['file']} does not match its sha256")
+    tmp.replace(out)
+    print(f"joined {len(record['parts'])} parts into {out} (sha256 {record['sha256'][:16]}...)")
+    return out
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -130,7 +179,20 @@ def main(argv=None) -> None:
     up = sub.add_parser("unpack")
     up.add_argument("--src", type=Path, required=True)
     up.add_argument("--root", type=Path, default=qlib.DEFAULT_ROOT)
+    sp = sub.add_parser("split")
+    sp.add_argument("--file", type=Path, required=True)
+    sp.add_argument("--parts", type=int, default=2)
+    sp.add_argument("--out", type=Path, required=True)
+    jn = sub.add_parser("join")
+    jn.add_argument("--src", type=Path, required=True)
+    jn.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
+    if args.cmd == "split":
+        split_file(args.file, args.parts, args.out)
+        return
+    if args.cmd == "join":
+        join_file(args.src, args.out)
+        return
     if args.cmd == "pack":
         patterns = [x for x in args.adapters.split(",") if x]
         members = base_members(args.root) if args.what == "base" else grid_members(args.root, patterns)

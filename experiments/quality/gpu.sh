@@ -5,6 +5,14 @@
 #   bash experiments/quality/gpu.sh grid     # more grid cells (the root carried in, or still on a warm machine)
 #   bash experiments/quality/gpu.sh base     # corpus, task and pretraining only
 #
+# The SmolLM2 study (docs/quality.md, part 1), in consecutive calls on one warm machine (issue each call at once:
+# the machine stays warm 30 s after a call, and only a warm one keeps what the calls before left there):
+#   bash experiments/quality/gpu.sh smol-recv   # call A: wheels installed, the GGUF's first half checked, kept
+#   bash experiments/quality/gpu.sh smol        # call B: second half; join, convert, grids until the budget
+#   bash experiments/quality/gpu.sh smol-grid   # calls C, D: the grids go on where they stopped
+# SMOL_JOBS (4), SMOL_STEPS (80), SMOL_GRID_ARGS (more grid flags for both tasks), NUMBERS_ARMS (the arms of the
+# numbers grid) change the plan; docs/quality.md gives the carry lists.
+#
 # Every mode ends by packing what must come back into $OUT (<= 8 files of <= 16 MiB: bundle.py) and a log
 # ($OUT/log.txt). "all" skips the base stage when ROOT/base and ROOT/task already exist (a repeated call).
 # Environment knobs: STDLIB (a standard library archive made here by prepare.py --write_archive, carried in:
@@ -41,9 +49,52 @@ run_grid() {
   stage python3 -m experiments.quality.grid --root "$ROOT" --status ${GRID_ARGS:-}
 }
 
+SMOL=runs/smol
+SMOL_BASE=models/smollm2
+NUMBERS_ARMS=${NUMBERS_ARMS:-lora_qv_r64,msp_qv_paper,lora_all_r16,msp_all_third}
+
+smol_recv() {
+  local first
+  first=$(python3 -c "import json, glob; r = json.load(open(glob.glob('$SMOL/gguf/*.split.json')[0])); p = r['parts'][0]
+print(p['file'], p['sha256'])") || { echo "== no $SMOL/gguf/*.split.json: carry it with the first part"; return 1; }
+  set -- $first
+  [ "$(sha256sum "$SMOL/gguf/$1" | cut -d' ' -f1)" = "$2" ] || { echo "== $SMOL/gguf/$1 missing or corrupt"; return 1; }
+  echo "== $1 is here and intact: issue the call with the second part now (the machine stays warm 30 s)"
+}
+
+smol_base() {
+  if [ -f "$SMOL_BASE/model.safetensors" ]; then echo "== $SMOL_BASE already converted"; return 0; fi
+  stage python3 -m experiments.quality.bundle join --src "$SMOL/gguf" --out "$SMOL/SmolLM2-135M-Instruct.Q4_1.gguf" &&
+  stage python3 launch/convert_gguf.py --gguf "$SMOL/SmolLM2-135M-Instruct.Q4_1.gguf" --out "$SMOL_BASE" --dtype fp32
+}
+
+# shellcheck disable=SC2086
+smol_grid() {
+  [ -f "$SMOL_BASE/model.safetensors" ] || { echo "== no $SMOL_BASE: a cold machine; start again with smol-recv"; return 3; }
+  local common="--model $SMOL_BASE --steps ${SMOL_STEPS:-80} --micro_batch_size 32 --eval_steps 40 --gen_batch_size 128 --widen 1
+    --jobs ${SMOL_JOBS:-4} ${GPUS:+--gpus $GPUS} ${SMOL_GRID_ARGS:-}"
+  local left=$((BUDGET - SECONDS - 45))
+  if [ "$left" -gt 60 ]; then
+    stage python3 -m experiments.quality.grid --root "$SMOL/docstring" $common --gen_max_new_tokens 64 --deadline_s "$left"
+  fi
+  left=$((BUDGET - SECONDS - 45))
+  if [ "$left" -gt 60 ]; then
+    stage python3 -m experiments.quality.grid --root "$SMOL/numbers" $common --gen_max_new_tokens 48 --arms "$NUMBERS_ARMS" \
+      --deadline_s "$left"
+  fi
+  mkdir -p "$OUT/docstring" "$OUT/numbers"
+  stage python3 -m experiments.quality.bundle pack --root "$SMOL/docstring" --what grid --out "$OUT/docstring"
+  stage python3 -m experiments.quality.bundle pack --root "$SMOL/numbers" --what grid --out "$OUT/numbers" --adapters ""
+  stage python3 -m experiments.quality.grid --root "$SMOL/docstring" $common --status
+  stage python3 -m experiments.quality.grid --root "$SMOL/numbers" $common --arms "$NUMBERS_ARMS" --status
+}
+
 main() {
-  if [ -d .whl ] && [ -z "${NO_WHEELS:-}" ]; then
+  if [ -d .whl ] && [ -z "${NO_WHEELS:-}" ] && [ ! -f /tmp/site/.installed ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || return 1
+    touch /tmp/site/.installed  # a warm machine's later calls reuse the install
+  fi
+  if [ -d /tmp/site ] && [ -z "${NO_WHEELS:-}" ]; then
     export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH TORCH_CUDA_ARCH_LIST=9.0
   fi
   export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
@@ -64,7 +115,10 @@ print('image stdlib', p, '| test suite:', has('test', 'test_json'), '| tkinter:'
       if [ "$rc" -eq 0 ]; then run_grid || rc=$?; fi ;;
     base) run_base || rc=$? ;;
     grid) run_grid || rc=$? ;;
-    *) echo "usage: bash experiments/quality/gpu.sh all|base|grid"; return 2 ;;
+    smol-recv) smol_recv || rc=$? ;;
+    smol) smol_base && smol_grid || rc=$? ;;
+    smol-grid) smol_grid || rc=$? ;;
+    *) echo "usage: bash experiments/quality/gpu.sh all|base|grid|smol-recv|smol|smol-grid"; return 2 ;;
   esac
   echo "== [$SECONDS s] done (exit $rc); \$OUT holds: $(ls "$OUT" | tr '\n' ' ')"
   return "$rc"

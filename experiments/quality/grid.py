@@ -1,4 +1,4 @@
-"""The quality test's experiment grid: LoRA against MSPLoRA on the docstring task, trained with the Trainer.
+"""The quality test's experiment grid: LoRA against MSPLoRA on one task, trained with the Trainer.
 
 Run after pretrain.py and make_task.py, on the same root, from the repository root (ZeRO-2, one GPU per cell;
 finished cells are skipped, so repeated calls continue the grid):
@@ -14,22 +14,18 @@ each training a queue of cells one after another with msplora_dist.train.trainer
 TrainConfig built here (cell_values), so Python, torch, DeepSpeed and the process group start once per
 worker, not once per cell. A cell that fails is recorded as an error and the grid goes on.
 
-Arms (alpha 16 and dropout 0.05 at every level, 3 mid groups: the paper's settings; plain LoRA is MSPLoRA
-with ranks (0, 0, r), i.e. one layer-specific pair per layer, exactly LoRA):
-    lora_qv_r64        LoRA r=64 on q_proj, v_proj                       (the paper's LoRA baseline)
-    msp_qv_paper       MSPLoRA (64, 32, 16) on q_proj, v_proj            (the paper's MSPLoRA)
-    msp_qv_eq_lora64   MSPLoRA at the paper's 4:2:1 rank shape, scaled to lora_qv_r64's parameters
-    lora_qv_eq_paper   LoRA at msp_qv_paper's parameters
-    lora_all_r16       LoRA r=16 on every linear projection
-    msp_all_eq_lora16  MSPLoRA at 4:2:1, scaled to lora_all_r16's parameters
-Matched arms come from match_msplora_ranks/match_lora_rank (msplora_dist.count_params), within --tol (3%).
+Arms: experiments/quality/arms.py (seven; plain LoRA is MSPLoRA with ranks (0, 0, r)); --arms runs a subset,
+--model names the base (a Hugging Face directory or a .gguf; default ROOT/base), so one study root per task
+(task/, grid/) can share a base: `--root runs/smol/docstring --model models/smollm2`.
 
 Protocol: every cell trains the same number of steps on the same global batches (the data order depends on
 the seed only), so every arm sees the same tokens. Phase "lr": each arm at each of --lrs with seed
 --search_seed, evaluated on task/dev.jsonl; the arm's learning rate is the one with the lowest final dev loss
-(a diverged or failed cell counts as +inf; with --retry_errors failed cells rerun first). Phase "final":
-each arm at its learning rate with each of --seeds, evaluated on task/test.jsonl: those are the reported
-numbers (test is never used for any choice). Cells run lr phase first, then seed by seed over all arms, so a
+(a diverged or failed cell counts as +inf; with --retry_errors failed cells rerun first); when an edge of
+the range wins, up to --widen more rates one grid step out are searched (search_lrs). Phase "final": each arm
+at its learning rate with each of --seeds, evaluated on task/test.jsonl: those are the reported numbers (test
+is never used for any choice); after training, the worker generates greedily for every test row and scores
+it with the task's metric (generation.py; --gen_max_new_tokens 0 skips it). Cells run lr phase first, then seed by seed over all arms, so a
 grid cut short still compares every arm on the same seeds.
 
 Each cell writes its trainer output in grid/cells/<cell>/ (adapter/, summary.json, train.log) and, last,
@@ -58,85 +54,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from experiments.quality import qlib
+from experiments.quality.arms import Arm, arm_dict, define_arms
 from experiments.quality.worker import Worker
-from msplora_dist import ALL_LINEAR_TARGETS, MSPLoRAConfig, count_params
 from msplora_dist.train.backbone import projection_features
 
-QV = ("q_proj", "v_proj")
-PAPER_RANKS = (64, 32, 16)
-PAPER_SHAPE = (4, 2, 1)
 DEFAULT_LRS = (3e-4, 1e-3, 3e-3)
 DONE_STATUSES = ("ok", "diverged")
-
-
-# --- arms and parameter matching -----------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Arm:
-    name: str
-    ranks: tuple[int, int, int]
-    targets: tuple[str, ...]
-    params: int
-    note: str = ""
-    matched_to: str | None = None
-
-    @property
-    def kind(self) -> str:
-        return "LoRA" if self.ranks[0] == 0 and self.ranks[1] == 0 else "MSPLoRA"
-
-
-def trainable_params(ranks, targets, features: dict, num_layers: int, groups: int) -> int:
-    cfg = MSPLoRAConfig(ranks=tuple(ranks), target_modules=tuple(targets), num_mid_groups=groups)
-    return count_params(cfg, num_layers, {t: features[t] for t in targets}).total
-
-
-def match_lora_rank(target: int, targets, features: dict, num_layers: int, groups: int) -> tuple[int, int, int]:
-    """LoRA (0, 0, r) with the parameter count closest to target."""
-    per_rank = trainable_params((0, 0, 1), targets, features, num_layers, groups)
-    return (0, 0, max(1, round(target / per_rank)))
-
-
-def match_msplora_ranks(target: int, targets, features: dict, num_layers: int, groups: int, shape=PAPER_SHAPE,
-                        tol: float = 0.03) -> tuple[int, int, int]:
-    """Pyramid ranks (g >= m >= l >= 1) within tol of target parameters, the closest to the rank shape
-    (paper 4:2:1) in log ratio; ties: the closer count, then the smaller total rank. Parameters are
-    width * (g + G m + L l), so this searches the integer solutions of that sum."""
-    width = trainable_params((1, 0, 0), targets, features, num_layers, groups)  # sum of in + out over targets
-    want = target / width
-    best = None
-    for low in range(1, int(want / num_layers) + 2):
-        for mid in range(low, int((want - num_layers * low) / groups) + 2):
-            top = round(want - groups * mid - num_layers * low)
-            if top < mid:
-                continue
-            n = width * (top + groups * mid + num_layers * low)
-            err = abs(n - target) / target
-            if err > tol:
-                continue
-            shape_err = ((math.log(top / mid) - math.log(shape[0] / shape[1])) ** 2
-                         + (math.log(mid / low) - math.log(shape[1] / shape[2])) ** 2)
-            key = (round(shape_err, 9), err, top + mid + low)
-            if best is None or key < best[0]:
-                best = (key, (top, mid, low))
-    if best is None:
-        raise ValueError(f"no pyramid ranks within {tol:.0%} of {target} parameters on {targets}")
-    return best[1]
-
-
-def define_arms(features: dict, num_layers: int, groups: int = 3, tol: float = 0.03) -> list[Arm]:
-    def arm(name, ranks, targets, note, matched_to=None):
-        return Arm(name, tuple(ranks), tuple(targets), trainable_params(ranks, targets, features, num_layers, groups), note, matched_to)
-
-    lora64 = arm("lora_qv_r64", (0, 0, 64), QV, "the paper's LoRA baseline (r=64 on q, v)")
-    paper = arm("msp_qv_paper", PAPER_RANKS, QV, "the paper's MSPLoRA (64, 32, 16) on q, v")
-    msp64 = arm("msp_qv_eq_lora64", match_msplora_ranks(lora64.params, QV, features, num_layers, groups, tol=tol), QV,
-                "MSPLoRA 4:2:1 at LoRA r=64's parameters", "lora_qv_r64")
-    lora_p = arm("lora_qv_eq_paper", match_lora_rank(paper.params, QV, features, num_layers, groups), QV,
-                 "LoRA at the paper MSPLoRA's parameters", "msp_qv_paper")
-    lora16 = arm("lora_all_r16", (0, 0, 16), ALL_LINEAR_TARGETS, "LoRA r=16 on all linear projections")
-    msp16 = arm("msp_all_eq_lora16", match_msplora_ranks(lora16.params, ALL_LINEAR_TARGETS, features, num_layers, groups, tol=tol),
-                ALL_LINEAR_TARGETS, "MSPLoRA 4:2:1 at LoRA all-linear r=16's parameters", "lora_all_r16")
-    return [lora64, paper, msp64, lora_p, lora16, msp16]
 
 
 # --- cells ----------------------------------------------------------------------------------------------
@@ -159,6 +82,9 @@ class Protocol:
     num_mid_groups: int = 3
     ds_config: str = "ds_configs/zero2.json"
     attn_implementation: str = "sdpa"
+    dtype: str = "auto"
+    gen_max_new_tokens: int = 128  # final cells: greedy generation of every test row, scored (0: loss only)
+    gen_batch_size: int = 64
 
 
 @dataclass
@@ -186,11 +112,7 @@ def load_result(grid_dir: Path, name: str) -> dict | None:
     return qlib.read_json(path) if path.exists() else None
 
 
-def best_lr(grid_dir: Path, arm: str, lrs, search_seed: int) -> tuple[float | None, bool]:
-    """(the lr with the lowest final dev loss, whether the search is complete: every lr cell has a result;
-    a diverged or failed cell counts as +inf, and the report lists it)."""
-    if len(lrs) == 1:
-        return lrs[0], True
+def _search_scores(grid_dir: Path, arm: str, lrs, search_seed: int) -> tuple[float | None, bool]:
     results = [load_result(grid_dir, Cell(arm, "lr", lr, search_seed).name) for lr in lrs]
     complete = all(r is not None for r in results)
     scored = [(r["final_eval_loss"], r["lr"]) for r in results
@@ -198,12 +120,42 @@ def best_lr(grid_dir: Path, arm: str, lrs, search_seed: int) -> tuple[float | No
     return (min(scored)[1] if scored and complete else None), complete
 
 
-def planned_cells(grid_dir: Path, arms: list[Arm], lrs, seeds, search_seed: int) -> list[Cell]:
+def search_lrs(grid_dir: Path, arm: str, lrs, search_seed: int, widen: int = 0) -> list[float]:
+    """The learning rates searched for `arm`: `lrs`, plus up to `widen` steps past an edge that won. When the
+    lowest dev loss sits at the smallest (largest) lr and the search there is complete, the next lr one grid
+    ratio further out joins the search (three significant digits); this repeats until the best is inside."""
+    cur = sorted(lrs)
+    for _ in range(widen if len(cur) > 1 and cur[0] > 0 else 0):  # a geometric step needs positive rates
+        best, complete = _search_scores(grid_dir, arm, cur, search_seed)
+        if best is None or not complete:
+            break
+        if best == cur[0]:
+            cur.insert(0, float(f"{cur[0] * cur[0] / cur[1]:.3g}"))
+        elif best == cur[-1]:
+            cur.append(float(f"{cur[-1] * cur[-1] / cur[-2]:.3g}"))
+        else:
+            break
+    return cur
+
+
+def best_lr(grid_dir: Path, arm: str, lrs, search_seed: int, widen: int = 0) -> tuple[float | None, bool]:
+    """(the lr with the lowest final dev loss, whether the search is complete: every lr cell of search_lrs has a
+    result, so the best is inside the range or `widen` steps were taken; a diverged or failed cell counts as
+    +inf, and the report lists it). The lr is None until the search is complete."""
+    if len(lrs) == 1:
+        return lrs[0], True
+    searched = search_lrs(grid_dir, arm, lrs, search_seed, widen)
+    best, complete = _search_scores(grid_dir, arm, searched, search_seed)
+    return (best if complete else None), complete
+
+
+def planned_cells(grid_dir: Path, arms: list[Arm], lrs, seeds, search_seed: int, widen: int = 0) -> list[Cell]:
     """Every cell whose configuration is known now, in run order (lr phase, then seed by seed)."""
-    cells = [Cell(a.name, "lr", lr, search_seed) for a in arms for lr in lrs] if len(lrs) > 1 else []
+    cells = ([Cell(a.name, "lr", lr, search_seed) for a in arms for lr in search_lrs(grid_dir, a.name, lrs, search_seed, widen)]
+             if len(lrs) > 1 else [])
     for seed in seeds:
         for a in arms:
-            lr, _ = best_lr(grid_dir, a.name, lrs, search_seed)
+            lr, _ = best_lr(grid_dir, a.name, lrs, search_seed, widen)
             if lr is not None:
                 cells.append(Cell(a.name, "final", lr, seed))
     return cells
@@ -223,9 +175,10 @@ def repo_relative(path: Path) -> str:
         return str(path)
 
 
-def cell_values(cell: Cell, arm: Arm, proto: Protocol, root: Path, grid_dir: Path) -> dict:
-    """The TrainConfig fields of one cell (the rest keep their defaults); a worker trains TrainConfig(**these)."""
-    return dict(ds_config=proto.ds_config, model=repo_relative(root / "base"), data=repo_relative(root / "task" / "train.jsonl"),
+def cell_values(cell: Cell, arm: Arm, proto: Protocol, root: Path, grid_dir: Path, model: Path | None = None) -> dict:
+    """The TrainConfig fields of one cell (the rest keep their defaults); a worker trains TrainConfig(**these).
+    `model` is the base (a Hugging Face directory or a .gguf file; default root/base)."""
+    return dict(ds_config=proto.ds_config, model=repo_relative(model or root / "base"), data=repo_relative(root / "task" / "train.jsonl"),
                 eval_data=repo_relative(root / "task" / f"{cell.eval_split}.jsonl"),
                 output_dir=repo_relative(cell_dir(grid_dir, cell.name)), overwrite=True,
                 ranks=tuple(arm.ranks), alphas=(proto.alphas,) * 3, dropout=(proto.dropout,) * 3,
@@ -233,7 +186,20 @@ def cell_values(cell: Cell, arm: Arm, proto: Protocol, root: Path, grid_dir: Pat
                 micro_batch_size=proto.micro_batch_size, grad_accum=proto.grad_accum, lr=cell.lr,
                 warmup_ratio=proto.warmup_ratio, min_lr_ratio=proto.min_lr_ratio, weight_decay=proto.weight_decay,
                 max_grad_norm=proto.max_grad_norm, seed=cell.seed, max_seq_len=proto.max_seq_len, eval_steps=proto.eval_steps,
-                save_steps=0, keep_last=1, log_steps=10, analyze=False, attn_implementation=proto.attn_implementation)
+                save_steps=0, keep_last=1, log_steps=10, analyze=False, attn_implementation=proto.attn_implementation,
+                dtype=proto.dtype)
+
+
+def cell_evaluation(cell: Cell, proto: Protocol, root: Path) -> dict | None:
+    """What the worker measures after training a final cell: greedy generations of task/test.jsonl, scored by
+    the task's metric (generation.py); None for learning-rate cells (chosen on dev loss) or without generation."""
+    if cell.phase != "final" or proto.gen_max_new_tokens <= 0:
+        return None
+    from experiments.quality.generation import metric_of
+
+    manifest = qlib.read_json(root / "task" / "manifest.json")
+    return {"rows": repo_relative(root / "task" / "test.jsonl"), "metric": metric_of(manifest),
+            "max_new_tokens": proto.gen_max_new_tokens, "batch_size": proto.gen_batch_size}
 
 
 def train_command(values: dict) -> str:
@@ -282,6 +248,9 @@ def summarize_cell(cell: Cell, arm: Arm, proto: Protocol, values: dict, outcome:
         history = summary["history"]
         evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
         tps = [h["tokens_per_s"] for h in history if "tokens_per_s" in h and h["step"] > 2]
+        evaluation = outcome.get("evaluation")
+        if evaluation:
+            result.update(metric=evaluation["metric"], metric_mean=evaluation["metric_mean"], evaluation=evaluation)
         result.update(final_eval_loss=summary["final_eval_loss"], base_eval_loss=summary["first_eval_loss"],
                       final_train_loss=summary["final_loss"], steps=summary["steps"], global_batch=summary["global_batch"],
                       skipped_steps=summary["skipped_steps"], dtype=summary["dtype"], eval_curve=evals,
@@ -330,7 +299,7 @@ class GridRun:
 
     def pending(self, skip_started: bool = True) -> list[Cell]:
         a = self.args
-        cells = planned_cells(self.grid_dir, self.arms, a.lrs, a.seeds, a.search_seed)
+        cells = planned_cells(self.grid_dir, self.arms, a.lrs, a.seeds, a.search_seed, a.widen)
         cells = [c for c in cells if (a.phase == "all" or c.phase == a.phase)
                  and (not a.only or any(fnmatch.fnmatch(c.name, pat) for pat in a.only))]
         return [c for c in cells if not (skip_started and c.name in self.started)
@@ -374,8 +343,8 @@ class GridRun:
         out_dir = cell_dir(self.grid_dir, cell.name)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "result.json").unlink(missing_ok=True)  # an error being retried
-        values = cell_values(cell, self.arm_by_name[cell.arm], self.proto, self.args.root, self.grid_dir)
-        self.workers[slot].submit(values, out_dir)
+        values = cell_values(cell, self.arm_by_name[cell.arm], self.proto, self.args.root, self.grid_dir, self.args.model)
+        self.workers[slot].submit(values, out_dir, cell_evaluation(cell, self.proto, self.args.root))
         self.running[slot] = Running(cell, values)
         self.started.add(cell.name)
         self.log(f"start {cell.name} (slot {slot}; {len(self.running)} running; estimate {estimate:.0f} s/cell)")
@@ -423,30 +392,51 @@ class GridRun:
 
 # --- reporting helpers ----------------------------------------------------------------------------------
 
-def grid_status(grid_dir: Path, arms: list[Arm], lrs, seeds, search_seed: int) -> list[dict]:
+def grid_status(grid_dir: Path, arms: list[Arm], lrs, seeds, search_seed: int, widen: int = 0) -> list[dict]:
     rows = []
     for a in arms:
-        lr, complete = best_lr(grid_dir, a.name, lrs, search_seed)
+        lr, complete = best_lr(grid_dir, a.name, lrs, search_seed, widen)
         finals = [load_result(grid_dir, Cell(a.name, "final", lr, s).name) for s in seeds] if lr is not None else []
         done = [r for r in finals if r and r["status"] == "ok"]
         rows.append({"arm": a.name, "kind": a.kind, "ranks": a.ranks, "params": a.params, "lr_search_complete": complete,
                      "best_lr": lr, "final_done": len(done), "final_planned": len(seeds),
-                     "test_losses": [round(r["final_eval_loss"], 4) for r in done]})
+                     "searched": search_lrs(grid_dir, a.name, lrs, search_seed, widen),
+                     "test_losses": [round(r["final_eval_loss"], 4) for r in done],
+                     "test_metric": [round(r["metric_mean"], 4) for r in done if r.get("metric_mean") is not None]})
     return rows
 
 
-def base_info(root: Path) -> tuple[dict, int]:
-    config = qlib.read_json(root / "base" / "config.json")
+def base_config(model: Path) -> dict:
+    """config.json of the base: a Hugging Face directory's, or the one a GGUF file's metadata gives."""
+    from msplora_dist.train.gguf import find_gguf, read_config
+
+    gguf = find_gguf(model)
+    return read_config(gguf) if gguf else qlib.read_json(Path(model) / "config.json")
+
+
+def base_info(model: Path) -> tuple[dict, int]:
+    config = base_config(model)
     return projection_features(config), config["num_hidden_layers"]
+
+
+def base_record(model: Path) -> dict:
+    """Which base the grid trained on: its path and, for a converted GGUF, the file's sha256 (gguf_source.json)."""
+    record = {"path": repo_relative(model)}
+    source = Path(model) / "gguf_source.json"
+    if source.is_file():
+        record["gguf_source"] = qlib.read_json(source)
+    return record
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--root", type=Path, default=qlib.DEFAULT_ROOT, help="experiment root (base/, task/; writes grid/)")
-    p.add_argument("--arms", default=None, help="comma-separated arm names (default: all six)")
+    p.add_argument("--root", type=Path, default=qlib.DEFAULT_ROOT, help="study root (task/; writes grid/)")
+    p.add_argument("--model", type=Path, default=None, help="the base: a Hugging Face directory or a .gguf file (default: ROOT/base)")
+    p.add_argument("--arms", default=None, help="comma-separated arm names (default: all seven)")
     p.add_argument("--lrs", default=",".join(f"{x:g}" for x in DEFAULT_LRS), help="learning rates searched (one value: no search)")
     p.add_argument("--seeds", default="1,2,3", help="seeds of the final (reported) cells")
     p.add_argument("--search_seed", type=int, default=0, help="seed of the learning-rate search cells")
+    p.add_argument("--widen", type=int, default=2, help="learning-rate steps added past an edge of --lrs that wins (search_lrs)")
     p.add_argument("--phase", default="all", choices=("all", "lr", "final"), help="run only this phase's cells")
     p.add_argument("--only", default=None, help="comma-separated glob patterns of cell names to run")
     p.add_argument("--max_cells", type=int, default=0, help="run at most this many cells (0: all)")
@@ -465,6 +455,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
     args.only = [x.strip() for x in args.only.split(",") if x.strip()] if args.only else None
     args.gpus = [x.strip() for x in args.gpus.split(",") if x.strip()] if args.gpus else None
+    args.model = args.model or args.root / "base"
     return args
 
 
@@ -476,7 +467,7 @@ def main(argv=None) -> dict:
         print(f"[grid {time.perf_counter() - t0:6.1f} s] {msg}", flush=True)
 
     proto = Protocol(**{k: getattr(args, k) for k in Protocol.__dataclass_fields__})
-    features, num_layers = base_info(args.root)
+    features, num_layers = base_info(args.model)
     arms = all_arms = define_arms(features, num_layers, proto.num_mid_groups, args.tol)
     if args.arms:
         wanted = [a.strip() for a in args.arms.split(",") if a.strip()]
@@ -485,32 +476,37 @@ def main(argv=None) -> dict:
             raise SystemExit(f"error: unknown arms {unknown}; expected some of {[a.name for a in arms]}")
         arms = [a for a in arms if a.name in wanted]
     grid_dir = args.root / "grid"
+    task = qlib.read_json(args.root / "task" / "manifest.json")
     # Every arm, also when this invocation runs a subset (--arms): the report reads the grid's arms from here.
-    meta = {"protocol": asdict(proto), "arms": [dict(asdict(a), kind=a.kind) for a in all_arms], "lrs": args.lrs, "seeds": args.seeds,
+    meta = {"protocol": asdict(proto), "arms": [arm_dict(a) for a in all_arms], "arms_run": [a.name for a in arms],
+            "lrs": args.lrs, "seeds": args.seeds,
             "search_seed": args.search_seed, "num_layers": num_layers, "features": features,
-            "base": str(args.root / "base"), "task_sha256": qlib.read_json(args.root / "task" / "manifest.json")["sha256"]}
+            "widen": args.widen, "base": base_record(args.model), "task": {k: task.get(k) for k in ("task", "metric", "sha256")}}
     for a in arms:
         ref = next((b for b in arms if b.name == a.matched_to), None)
         log(f"arm {a.name:<18} {a.kind:<8} ranks {a.ranks!s:<14} on {','.join(t.removesuffix('_proj') for t in a.targets):<22} "
             f"{a.params:>10,} params" + (f" ({a.params / ref.params - 1:+.1%} vs {ref.name})" if ref else ""))
     if args.status or args.dry_run:
-        for row in grid_status(grid_dir, arms, args.lrs, args.seeds, args.search_seed):
+        for row in grid_status(grid_dir, arms, args.lrs, args.seeds, args.search_seed, args.widen):
             log(json.dumps(row))
         if args.dry_run:
-            cells = [c for c in planned_cells(grid_dir, arms, args.lrs, args.seeds, args.search_seed)
+            cells = [c for c in planned_cells(grid_dir, arms, args.lrs, args.seeds, args.search_seed, args.widen)
                      if not is_done(load_result(grid_dir, c.name), args.retry_errors)]
-            n_final_unknown = sum(1 for a in arms if best_lr(grid_dir, a.name, args.lrs, args.search_seed)[0] is None) * len(args.seeds)
+            unknown_lr = [a for a in arms if best_lr(grid_dir, a.name, args.lrs, args.search_seed, args.widen)[0] is None]
+            n_final_unknown = len(unknown_lr) * len(args.seeds)
             est = cell_estimate(grid_dir, args.cell_estimate_s)
             total = len(cells) + n_final_unknown
             log(f"{len(cells)} cells runnable now, {n_final_unknown} more once their arm's lr search is done; at {est:.0f} s per cell "
                 f"and {args.jobs} at once: about {qlib.fmt_duration(total * est / args.jobs)}")
+            by_name = {a.name: a for a in arms}
             for c in cells:
-                log(f"  {c.name}: {train_command(cell_values(c, next(a for a in arms if a.name == c.arm), proto, args.root, grid_dir))}")
+                log(f"  {c.name}: {train_command(cell_values(c, by_name[c.arm], proto, args.root, grid_dir, args.model))}")
         return {"arms": arms}
     qlib.write_json(grid_dir / "grid.json", meta)
     counts = GridRun(args, arms, proto, log).run()
-    for row in grid_status(grid_dir, arms, args.lrs, args.seeds, args.search_seed):
-        log(f"{row['arm']:<18} best lr {row['best_lr']}  final {row['final_done']}/{row['final_planned']}  test {row['test_losses']}")
+    for row in grid_status(grid_dir, arms, args.lrs, args.seeds, args.search_seed, args.widen):
+        log(f"{row['arm']:<18} best lr {row['best_lr']} of {row['searched']}  final {row['final_done']}/{row['final_planned']}  "
+            f"test loss {row['test_losses']}  metric {row['test_metric']}")
     return counts
 
 

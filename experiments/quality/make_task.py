@@ -4,6 +4,7 @@ Run after prepare.py, on the same root (reads corpus/task.jsonl only: modules th
 
     python -m experiments.quality.make_task --root runs/quality                  # ~20 s
     python -m experiments.quality.make_task --root runs/quality-smoke --min_doc_chars 10
+    python -m experiments.quality.make_task --root runs/smol/docstring --tokenizer models/smollm2   # another base's tokens
 
 Every function and method of the held-out modules that has a docstring (not functions nested in functions:
 their docstrings would sit in their parent's input) becomes one alpaca row:
@@ -189,6 +190,8 @@ def build_task(task_records: list[dict], tokenizer, max_seq_len: int, min_doc_ch
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--root", type=Path, default=qlib.DEFAULT_ROOT, help="experiment root (reads corpus/, tokenizer/; writes task/)")
+    p.add_argument("--tokenizer", type=Path, default=None,
+                   help="the fine-tuned base's tokenizer (or model) directory, for the length filter (default: ROOT/tokenizer)")
     p.add_argument("--max_seq_len", type=int, default=512, help="rows longer than this (in tokens) are dropped")
     p.add_argument("--min_doc_chars", type=int, default=20)
     p.add_argument("--max_doc_chars", type=int, default=1200)
@@ -203,7 +206,7 @@ def main(argv=None) -> dict:
     from transformers import AutoTokenizer
 
     t0 = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(args.root / "tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.root / "tokenizer")
     tokenizer.model_max_length = 10**9
     task_records = qlib.read_jsonl(args.root / "corpus" / "task.jsonl")
     rows, stats = build_task(task_records, tokenizer, args.max_seq_len, args.min_doc_chars, args.max_doc_chars,
@@ -212,7 +215,7 @@ def main(argv=None) -> dict:
     for s in SPLITS:
         qlib.write_jsonl(out / f"{s}.jsonl", rows[s])
     corpus_sha = qlib.read_json(args.root / "corpus" / "manifest.json")["corpus_sha256"]
-    manifest = {"instruction": qlib.TASK_INSTRUCTION, "corpus_sha256": corpus_sha,
+    manifest = {"task": "docstring", "metric": "chrf", "instruction": qlib.TASK_INSTRUCTION, "corpus_sha256": corpus_sha,
                 "args": {k: str(v) for k, v in vars(args).items()},
                 "sha256": {s: sha256_file(out / f"{s}.jsonl") for s in SPLITS},
                 **stats, "seconds": round(time.perf_counter() - t0, 2)}

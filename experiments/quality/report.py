@@ -1,218 +1,89 @@
-"""Write the quality test's results into docs/quality.md: whatever they show.
+"""Write the quality study's results into docs/quality.md, and every cell as JSON beside it: whatever they show.
 
-Run on any machine once the grid's results are here (CPU; the --compare analysis takes seconds):
+Run on any machine once the grids' results are here (CPU; the --compare analysis takes seconds):
 
-    python -m experiments.quality.report --root runs/quality --out docs/quality.md
-    python -m experiments.quality.report --root runs/quality-smoke --out runs/quality-smoke/quality.md --img_dir runs/quality-smoke
+    # the SmolLM2 study: one base, one study root per task (each with task/ and grid/)
+    python -m experiments.quality.report --study smol --model models/smollm2 \
+        --tasks docstring=runs/smol/docstring,numbers=runs/smol/numbers
+    # the 22 M stdlib base (issue 8): one root with base/, task/, grid/
+    python -m experiments.quality.report --root runs/quality
 
 The document's prose is hand-written; this script only rewrites the blocks between
-`<!-- BEGIN generated:NAME -->` and `<!-- END generated:NAME -->` (status, setup, arms, results), so edits
-elsewhere survive. A missing --out starts from --template (docs/quality.md). With no results yet, the
-results block says so; nothing is ever filled in by hand.
+`<!-- BEGIN generated:NAME -->` and `<!-- END generated:NAME -->`: with --study S the blocks S:status, S:setup,
+S:arms and S:results, without it status, setup, arms and results. Edits elsewhere survive, and a study not
+named keeps its blocks. A missing --out starts from --template (docs/quality.md). With no results yet, the
+results block says so; nothing is ever filled in by hand. --results_json (docs/quality_results.json) gets the
+study's key replaced by every cell (arm, seed, lr, params, losses, metric, command) and every comparison.
 
-What it computes, from grid/cells/*/result.json:
-- per arm: the test loss of each final seed, mean and sample standard deviation, the learning rate chosen on
-  dev, the base model's test loss (step-0 eval) and the share of LoRA's gain over the base that the arm gets;
-- per comparison (MSPLoRA arm against its LoRA reference): the mean paired difference over the seeds both
-  ran (same seed = same data order), its 95% t-interval, and a verdict: "MSPLoRA lower" or "LoRA lower"
-  when the interval excludes 0, else "no difference resolved" (with the interval, so a reader sees how
-  small a difference the seeds could have shown);
-- a plot of test loss against trainable parameters (log scale), seeds as dots, mean +- sd as error bars;
-- launch/analyze.py --adapter <msp_qv_paper> --compare <lora_qv_r64> on the same seed, summarised.
+What it computes, per task, from grid/cells/*/result.json (tables.py, stats.py):
+- per arm: the test loss and task metric of each final seed, mean and sample standard deviation, the learning
+  rate chosen on dev, the base model's test loss (step-0 eval);
+- per comparison (MSPLoRA arm against its LoRA reference), for the loss and for the metric: the mean paired
+  difference, its 95% interval over seeds (t) and over test examples (paired bootstrap), and a verdict only
+  when both exclude 0 (stats.py says why);
+- a plot of test loss and metric against trainable parameters (log scale);
+- launch/analyze.py --adapter <msp_qv_paper> --compare <lora_qv_r64> on one seed of the first task: summarised
+  here, the whole report (index.html, plots, report.json) copied to docs/quality_analysis/<study>_<task>/.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
-import os
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from experiments.quality import arms as armlib
 from experiments.quality import grid as gridlib
 from experiments.quality import qlib
-
-# (MSPLoRA arm, LoRA arm, what the comparison asks)
-COMPARISONS = (
-    ("msp_qv_paper", "lora_qv_r64", "the paper's claim: MSPLoRA (64,32,16) vs LoRA r=64 on q,v, fewer parameters"),
-    ("msp_qv_paper", "lora_qv_eq_paper", "equal parameters, the paper MSPLoRA's size (q,v)"),
-    ("msp_qv_eq_lora64", "lora_qv_r64", "equal parameters, LoRA r=64's size (q,v)"),
-    ("msp_all_eq_lora16", "lora_all_r16", "equal parameters, all linear projections, LoRA r=16's size"),
+from experiments.quality.tables import (
+    METRIC_NAMES,
+    aggregate,
+    fmt,
+    plot_vs_params,
+    rel_link,
+    render_arm_table,
+    render_arms,
+    render_comparisons,
+    render_cost,
+    render_lr_search,
+    table,
 )
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
 ANALYSIS_PAIR = ("msp_qv_paper", "lora_qv_r64")
-PLOT_NAME = "quality_loss_vs_params.png"
+PER_EXAMPLE_KEYS = ("scores", "example_loss_sums", "example_loss_tokens")  # kept in runs/, left out of the committed JSON
 
 
-# --- loading and statistics -----------------------------------------------------------------------------
+# --- loading ------------------------------------------------------------------------------------------------
 
 def load_results(grid_dir: Path) -> list[dict]:
     cells = grid_dir / "cells"
     return [qlib.read_json(p) for p in sorted(cells.glob("*/result.json"))] if cells.exists() else []
 
 
-def arms_for(root: Path, grid_meta: dict | None) -> list[dict]:
-    """The arms as the grid defined them (grid.json), else computed from base/config.json or the preset."""
-    if grid_meta:
-        return grid_meta["arms"]
+def arms_for(model: Path | None, grid_meta: dict | None) -> list[dict]:
+    """The arms as the grid defined them (grid.json), else computed from the base's config or the 22 M preset."""
+    if grid_meta:  # the arms this grid runs (grid.json lists every arm, and which of them ran)
+        run = set(grid_meta.get("arms_run") or [a["name"] for a in grid_meta["arms"]])
+        return [a for a in grid_meta["arms"] if a["name"] in run]
     from msplora_dist.train.backbone import projection_features
 
-    config_path = root / "base" / "config.json"
-    config = qlib.read_json(config_path) if config_path.exists() else dict(qlib.MODEL_PRESETS["base"])
-    arms = gridlib.define_arms(projection_features(config), config["num_hidden_layers"])
-    return [dict(name=a.name, ranks=list(a.ranks), targets=list(a.targets), params=a.params, note=a.note,
-                 matched_to=a.matched_to, kind=a.kind) for a in arms]
+    config = gridlib.base_config(model) if model is not None and Path(model).exists() else dict(qlib.MODEL_PRESETS["base"])
+    return [armlib.arm_dict(a) for a in armlib.define_arms(projection_features(config), config["num_hidden_layers"])]
 
 
-def finite(x) -> bool:
-    return x is not None and isinstance(x, int | float) and math.isfinite(x)
-
-
-def mean_sd(values: list[float]) -> tuple[float | None, float | None]:
-    if not values:
-        return None, None
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else None)
-
-
-def aggregate(results: list[dict], arms: list[dict]) -> dict[str, dict]:
-    """Per arm: final test losses by seed, mean, sd, the chosen lr, the lr search, costs."""
-    out = {}
-    for arm in arms:
-        mine = [r for r in results if r["arm"] == arm["name"]]
-        finals = [r for r in mine if r["phase"] == "final"]
-        ok = {r["seed"]: r for r in finals if r["status"] == "ok" and finite(r.get("final_eval_loss"))}
-        losses = [ok[s]["final_eval_loss"] for s in sorted(ok)]
-        mean, sd = mean_sd(losses)
-        base = [r["base_eval_loss"] for r in ok.values() if finite(r.get("base_eval_loss"))]
-        search = {r["lr"]: (r["final_eval_loss"] if r["status"] == "ok" else None) for r in mine if r["phase"] == "lr"}
-        out[arm["name"]] = {
-            "arm": arm, "by_seed": {s: ok[s]["final_eval_loss"] for s in sorted(ok)}, "mean": mean, "sd": sd, "n": len(losses),
-            "lrs": sorted({r["lr"] for r in finals}), "failed": [r["name"] for r in mine if r["status"] != "ok"],
-            "base_test_loss": statistics.mean(base) if base else None, "lr_search": dict(sorted(search.items())),
-            "wall_s": [r["wall_s"] for r in mine if r["status"] == "ok"],
-            "tokens_per_s": [r["tokens_per_s_median"] for r in mine if finite(r.get("tokens_per_s_median"))],
-            "steps": sorted({r.get("steps") for r in finals if r.get("steps")}),
-        }
+def cell_record(r: dict) -> dict:
+    """One cell as the committed JSON holds it: everything but the per-example lists and the log tail."""
+    out = {k: v for k, v in r.items() if k not in ("evaluation", "log_tail", "env")}
+    if r.get("evaluation"):
+        out["evaluation"] = {k: v for k, v in r["evaluation"].items() if k not in PER_EXAMPLE_KEYS}
     return out
 
 
-def compare(stats: dict, msp: str, lora: str) -> dict | None:
-    """Paired difference (MSPLoRA - LoRA) of test loss over the seeds both arms finished."""
-    if msp not in stats or lora not in stats:
-        return None
-    a, b = stats[msp]["by_seed"], stats[lora]["by_seed"]
-    seeds = sorted(set(a) & set(b))
-    diffs = [a[s] - b[s] for s in seeds]
-    res = {"msp": msp, "lora": lora, "seeds": seeds, "n": len(diffs)}
-    if not diffs:
-        res["verdict"] = "not run yet"
-        return res
-    mean = statistics.mean(diffs)
-    res["mean_diff"] = mean
-    base = stats[lora]["base_test_loss"]
-    if finite(base) and stats[lora]["mean"] is not None and base - stats[lora]["mean"] > 0:
-        res["gain_ratio"] = (base - stats[msp]["mean"]) / (base - stats[lora]["mean"]) if stats[msp]["mean"] is not None else None
-    if len(diffs) < 2:
-        res["verdict"] = "one seed only: no interval"
-        return res
-    se = statistics.stdev(diffs) / math.sqrt(len(diffs))
-    half = T95.get(len(diffs) - 1, 1.96) * se
-    res.update(se=se, ci=(mean - half, mean + half))
-    res["verdict"] = "MSPLoRA lower" if mean + half < 0 else "LoRA lower" if mean - half > 0 else "no difference resolved"
-    return res
-
-
-# --- plot and analysis --------------------------------------------------------------------------------------
-
-def plot_loss_vs_params(stats: dict, path: Path) -> Path | None:
-    points = [s for s in stats.values() if s["n"]]
-    if not points:
-        return None
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7.5, 4.8), dpi=120)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    colors = {"LoRA": "#1f77b4", "MSPLoRA": "#d62728"}
-    for s in points:
-        arm = s["arm"]
-        x = arm["params"]
-        marker = "o" if len(arm["targets"]) == 2 else "s"
-        ax.scatter([x] * s["n"], list(s["by_seed"].values()), color=colors[arm["kind"]], alpha=0.35, s=14, marker=marker)
-        ax.errorbar([x], [s["mean"]], yerr=[s["sd"] or 0.0], color=colors[arm["kind"]], marker=marker, ms=7, capsize=4, lw=1.5)
-        ax.annotate(arm["name"], (x, s["mean"]), textcoords="offset points", xytext=(6, 4), fontsize=7)
-    base = [s["base_test_loss"] for s in points if finite(s["base_test_loss"])]
-    if base:
-        ax.axhline(statistics.mean(base), color="gray", ls=":", lw=1)
-        ax.text(0.01, 0.98, f"base model (no adapter): {statistics.mean(base):.3f}", transform=ax.transAxes, va="top",
-                fontsize=7, color="gray")
-    ax.set_xscale("log")
-    ax.set_xlabel("trainable parameters")
-    ax.set_ylabel("test loss (docstring tokens, nats)")
-    ax.set_title("Held-out docstring loss vs adapter size (mean +- sd over seeds; dots: seeds)", fontsize=9)
-    for kind, c in colors.items():
-        ax.scatter([], [], color=c, label=kind)
-    ax.scatter([], [], color="k", marker="o", label="q, v")
-    ax.scatter([], [], color="k", marker="s", label="all linear")
-    ax.legend(fontsize=7, loc="upper right")
-    ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
-
-
-def analysis_pair(grid_dir: Path, results: list[dict]) -> tuple[Path, Path, int] | None:
-    """Adapters of the paper MSPLoRA and LoRA r=64 final cells of one seed (the smallest both have)."""
-    have = {}
-    for r in results:
-        if r["phase"] == "final" and r["status"] == "ok" and r["arm"] in ANALYSIS_PAIR:
-            adapter = gridlib.cell_dir(grid_dir, r["name"]) / "adapter"
-            if (adapter / "msplora_config.json").exists():
-                have.setdefault(r["seed"], {})[r["arm"]] = adapter
-    seeds = sorted(s for s, d in have.items() if len(d) == 2)
-    if not seeds:
-        return None
-    s = seeds[0]
-    return have[s][ANALYSIS_PAIR[0]], have[s][ANALYSIS_PAIR[1]], s
-
-
-def run_analysis(msp: Path, lora: Path, out: Path) -> dict | None:
-    cmd = [sys.executable, str(qlib.REPO / "launch" / "analyze.py"), "--adapter", str(msp), "--out", str(out), "--compare", str(lora)]
-    proc = subprocess.run(cmd, cwd=qlib.REPO, capture_output=True, text=True)
-    if proc.returncode != 0:
-        print(f"analysis failed ({proc.returncode}): {proc.stderr[-2000:]}", file=sys.stderr)
-        return None
-    return {"command": " ".join(cmd), "report": qlib.read_json(out / "report.json"), "out": out}
-
-
-# --- markdown -------------------------------------------------------------------------------------------
-
-def fmt(x, digits: int = 4) -> str:
-    return "–" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}f}"
-
-
-def table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def render_arms(arms: list[dict]) -> str:
-    ref = next((a for a in arms if a["name"] == "lora_qv_r64"), None)
-    rows = []
-    for a in arms:
-        targets = ",".join(t.removesuffix("_proj") for t in a["targets"])
-        rel = f"{a['params'] / ref['params']:.2f}x" if ref else ""
-        rows.append([f"`{a['name']}`", a["kind"], "({}, {}, {})".format(*a["ranks"]), targets, f"{a['params']:,}", rel, a.get("note", "")])
-    return table(["arm", "kind", "ranks (G, M, L)", "targets", "trainable params", "vs LoRA r=64 q,v", "what it tests"], rows)
-
+# --- the 22 M study's setup, the analysis, the blocks ----------------------------------------------------
 
 def render_setup(root: Path) -> str:
     parts = []
@@ -251,82 +122,34 @@ def render_setup(root: Path) -> str:
     return "\n".join(parts) if parts else "Not built yet: prepare.py, make_task.py and pretrain.py have not run on the GPU machine."
 
 
-def render_results(root: Path, stats: dict, results: list[dict], grid_meta: dict | None, img_dir: Path, out_md: Path,
-                   analysis: dict | None, analysis_seed: int | None, plot: Path | None) -> str:
-    if not results:
-        return "**Not yet run (needs GPU time).** No grid cell has a result yet: there is no measurement of the claim in this document."
-    lines = []
-    n_final = sum(1 for r in results if r["phase"] == "final" and r["status"] == "ok")
-    planned = len(grid_meta["arms"]) * len(grid_meta["seeds"]) if grid_meta else None
-    env = next((r["env"] for r in results if r.get("env")), {})
-    lines.append(f"{n_final} of {planned or '?'} reported (final) cells and "
-                 f"{sum(1 for r in results if r['phase'] == 'lr')} learning-rate-search cells have results "
-                 f"({env.get('gpu') or 'CPU'}, torch {env.get('torch')}, Python {env.get('python')}).")
-    failed = [r for r in results if r["status"] != "ok"]
-    if failed:
-        names = ", ".join(f"`{r['name']}` ({r['status']})" for r in failed)
-        lines.append(f"Cells that did not finish normally: {names}.")
-    lines.append("\n**Test loss** (mean token cross-entropy of the docstring tokens of task/test.jsonl, nats; lower is better):\n")
-    rows = []
-    for name, s in stats.items():
-        a = s["arm"]
-        lr = ", ".join(f"{x:g}" for x in s["lrs"]) or "–"
-        per_seed = ", ".join(f"s{k}: {v:.4f}" for k, v in s["by_seed"].items()) or "–"
-        rows.append([f"`{name}`", a["kind"], f"{a['params']:,}", lr, f"{fmt(s['mean'])} ± {fmt(s['sd'])} (n={s['n']})", per_seed,
-                     fmt(s["base_test_loss"])])
-    lines.append(table(["arm", "kind", "trainable params", "lr (chosen on dev)", "test loss mean ± sd", "per seed", "base model"], rows))
-    lines.append("\n**Comparisons** (paired by seed: MSPLoRA minus LoRA; negative = MSPLoRA better; 95% t-interval over the seeds; "
-                 "gain ratio = MSPLoRA's loss drop from the base model / LoRA's):\n")
-    crow = []
-    for msp, lora, what in COMPARISONS:
-        c = compare(stats, msp, lora)
-        if c is None:
-            continue
-        ci = f"[{c['ci'][0]:+.4f}, {c['ci'][1]:+.4f}]" if "ci" in c else "–"
-        crow.append([what, f"`{msp}` vs `{lora}`", f"{stats[msp]['arm']['params'] / stats[lora]['arm']['params']:.2f}x",
-                     c["n"], f"{c['mean_diff']:+.4f}" if "mean_diff" in c else "–", ci,
-                     f"{c['gain_ratio']:.3f}" if finite(c.get("gain_ratio")) else "–", f"**{c['verdict']}**"])
-    lines.append(table(["question", "arms", "params ratio", "seeds", "mean diff", "95% CI", "gain ratio", "verdict"], crow))
-    if plot:
-        rel = Path(os.path.relpath(plot, out_md.parent)).as_posix()
-        lines.append(f"\n![test loss against trainable parameters]({rel})\n")
-    search_rows = []
-    lrs = sorted({lr for s in stats.values() for lr in s["lr_search"]})
-    for name, s in stats.items():
-        if s["lr_search"]:
-            scored = [(v, k) for k, v in s["lr_search"].items() if finite(v)]
-            best = min(scored)[1] if scored else None
-            search_rows.append([f"`{name}`"] + [("**" + fmt(s["lr_search"].get(lr)) + "**") if lr == best else fmt(s["lr_search"].get(lr))
-                                                 for lr in lrs])
-    if search_rows:
-        lines.append(f"**Learning-rate search** (dev loss, seed {grid_meta['search_seed'] if grid_meta else '?'}; bold: chosen; "
-                     "an edge choice means the grid may not bracket the optimum):\n")
-        lines.append(table(["arm"] + [f"lr {lr:g}" for lr in lrs], search_rows))
-        edges = [name for name, s in stats.items() if s["lrs"] and lrs and s["lr_search"] and s["lrs"][0] in (lrs[0], lrs[-1])]
-        if edges:
-            lines.append(f"\nChosen at an edge of the searched range: {', '.join(f'`{e}`' for e in edges)}.")
-    cost_rows = [[f"`{n}`", f"{statistics.median(s['wall_s']):.0f}" if s["wall_s"] else "–",
-                  f"{statistics.median(s['tokens_per_s']):,.0f}" if s["tokens_per_s"] else "–", ", ".join(map(str, s["steps"])) or "–"]
-                 for n, s in stats.items()]
-    total = sum(r["wall_s"] for r in results)
-    lines.append(f"\n**Cost** (cells ran {results[0].get('concurrent_jobs', 1)} at a time on one device; wall time is a cell's own, "
-                 "model loading and engine set-up included (a worker process's first cell also pays the imports and the "
-                 f"process group); {total / 60:.1f} cell-minutes in all):\n")
-    lines.append(table(["arm", "median wall s per cell", "median tokens/s (trainer)", "steps"], cost_rows))
-    if analysis:
-        lines.append(render_analysis(analysis, analysis_seed))
-        for name, title in (("level_share.png", "MSPLoRA level shares per layer"), ("compare_similarity.png", "MSPLoRA vs LoRA per layer")):
-            img = img_dir / f"quality_{name}"
-            if img.exists():
-                lines.append(f"\n![{title}]({Path(os.path.relpath(img, out_md.parent)).as_posix()})")
-    example = next((r for r in results if r["phase"] == "final"), results[0])
-    lines.append(f"\nEvery result.json holds its TrainConfig and the trainer command that trains the cell alone; for example "
-                 f"`{example['name']}`:\n\n```bash\n"
-                 f"{example['command']}\n```")
-    return "\n".join(lines)
+
+def analysis_pair(grid_dir: Path, results: list[dict]) -> tuple[Path, Path, int] | None:
+    """Adapters of the paper MSPLoRA and LoRA r=64 final cells of one seed (the smallest both have)."""
+    have = {}
+    for r in results:
+        if r["phase"] == "final" and r["status"] == "ok" and r["arm"] in ANALYSIS_PAIR:
+            adapter = gridlib.cell_dir(grid_dir, r["name"]) / "adapter"
+            if (adapter / "msplora_config.json").exists():
+                have.setdefault(r["seed"], {})[r["arm"]] = adapter
+    seeds = sorted(s for s, d in have.items() if len(d) == 2)
+    if not seeds:
+        return None
+    s = seeds[0]
+    return have[s][ANALYSIS_PAIR[0]], have[s][ANALYSIS_PAIR[1]], s
 
 
-def render_analysis(analysis: dict, seed: int | None) -> str:
+
+def run_analysis(msp: Path, lora: Path, out: Path) -> dict | None:
+    cmd = [sys.executable, str(qlib.REPO / "launch" / "analyze.py"), "--adapter", str(msp), "--out", str(out), "--compare", str(lora)]
+    proc = subprocess.run(cmd, cwd=qlib.REPO, capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(f"analysis failed ({proc.returncode}): {proc.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return {"command": " ".join(cmd), "report": qlib.read_json(out / "report.json"), "out": out}
+
+
+
+def render_analysis(analysis: dict, seed: int | None, task: str, link: str) -> str:
     rep = analysis["report"]
     sbs = rep.get("compare", {}).get("side_by_side", {})
     rows = []
@@ -339,23 +162,12 @@ def render_analysis(analysis: dict, seed: int | None) -> str:
                      " / ".join(f"{share.get(lv, 0) or 0:.2f}" for lv in ("global", "mid", "layer")),
                      f"{fmt(erd.get('this'), 1)} / {fmt(erd.get('other'), 1)}", f"{fmt(clc.get('this'), 2)} / {fmt(clc.get('other'), 2)}",
                      fmt(other.get("mean_delta_cosine"), 2)])
-    return ("\n**What the adapters learned** (`launch/analyze.py --compare`, seed " + str(seed) + ", MSPLoRA (64,32,16) vs LoRA r=64; "
-            f"full report: `{gridlib.repo_relative(analysis['out'])}/index.html`):\n\n"
+    return (f"\n\n**What the adapters learned** (`launch/analyze.py --compare`, task `{task}`, seed {seed}, MSPLoRA (64,32,16) vs "
+            f"LoRA r=64; the whole report: [{link}]({link})):\n\n"
             + table(["target", "MSPLoRA effective rank G / M / L", "level share of ‖update‖² G / M / L",
                      "effective rank of a layer's update: MSPLoRA / LoRA", "cross-layer cosine: MSPLoRA / LoRA",
                      "cosine MSPLoRA vs LoRA update"], rows))
 
-
-def render_status(results: list[dict], stats: dict) -> str:
-    if not results:
-        return "**Status: plan and code ready; results not yet run (needs GPU time).**"
-    c = compare(stats, "msp_qv_paper", "lora_qv_r64")
-    head = f"**Status: results of {time.strftime('%Y-%m-%d')}.**"
-    if c and "mean_diff" in c:
-        ci = f", 95% CI [{c['ci'][0]:+.4f}, {c['ci'][1]:+.4f}]" if "ci" in c else ""
-        head += (f" The paper's comparison, MSPLoRA (64,32,16) against LoRA r=64 on q,v: test loss difference "
-                 f"{c['mean_diff']:+.4f} nats over {c['n']} seed(s){ci}: {c['verdict']}.")
-    return head
 
 
 def replace_block(text: str, name: str, content: str) -> str:
@@ -365,39 +177,173 @@ def replace_block(text: str, name: str, content: str) -> str:
     return pattern.sub(lambda m: m.group(1) + content.strip("\n") + "\n" + m.group(2), text, count=1)
 
 
+# --- one task's results -------------------------------------------------------------------------------------
+
+def task_results(name: str, root: Path, model: Path | None, img_dir: Path, out_md: Path, plot_name: str, n_boot: int) -> dict:
+    """Everything the document and the JSON say about one task's grid."""
+    grid_dir = root / "grid"
+    grid_meta = qlib.read_json(grid_dir / "grid.json") if (grid_dir / "grid.json").exists() else None
+    arms = arms_for(model, grid_meta)
+    results = load_results(grid_dir)
+    stats = aggregate(results, arms)
+    task = qlib.read_json(root / "task" / "manifest.json") if (root / "task" / "manifest.json").exists() else {}
+    recorded = (grid_meta or {}).get("task") or {}
+    metric = task.get("metric") or recorded.get("metric") or next((r["metric"] for r in results if r.get("metric")), "chrf")
+    lines = []
+    if not results:
+        lines.append(f"**Not yet run (needs GPU time).** No cell of the `{name}` grid has a result: there is no measurement here.")
+        comparisons = []
+    else:
+        n_final = sum(1 for r in results if r["phase"] == "final" and r["status"] == "ok")
+        planned = len(arms) * len(grid_meta["seeds"]) if grid_meta else "?"
+        env = next((r["env"] for r in results if r.get("env")), {})
+        lines.append(f"{n_final} of {planned} reported (final) cells and {sum(1 for r in results if r['phase'] == 'lr')} "
+                     f"learning-rate-search cells have results ({env.get('gpu') or 'CPU'}, torch {env.get('torch')}, "
+                     f"Python {env.get('python')}).")
+        failed = [r for r in results if r["status"] != "ok"]
+        if failed:
+            lines.append("Cells that did not finish normally: " + ", ".join(f"`{r['name']}` ({r['status']})" for r in failed) + ".")
+        lines.append(f"\n**Test loss and {METRIC_NAMES.get(metric, metric)}** (loss: mean token cross-entropy of the response "
+                     "tokens of task/test.jsonl, nats, lower is better; the metric from greedy generations, higher is better):\n")
+        lines.append(render_arm_table(stats, metric))
+        body, comparisons = render_comparisons(stats, metric, n_boot)
+        lines.append("\n**Comparisons** (MSPLoRA minus LoRA; for the loss negative favours MSPLoRA, for the metric positive does; "
+                     "95% intervals over the seeds (paired t) and over the test examples (paired bootstrap, the arms' per-example "
+                     "values averaged over their seeds); a verdict only where both intervals exclude 0; gain ratio = MSPLoRA's "
+                     "loss drop from the base model / LoRA's):\n")
+        lines.append(body)
+        plot = plot_vs_params(stats, img_dir / plot_name, f"{name}: test loss and metric against adapter size", metric)
+        if plot:
+            lines.append(f"\n![{name}: test loss and metric against trainable parameters]({rel_link(plot, out_md)})\n")
+        search = render_lr_search(stats, grid_meta["search_seed"] if grid_meta else "?")
+        if search:
+            lines.append(search)
+        lines.append("\n" + render_cost(stats, results))
+        example = next((r for r in results if r["phase"] == "final"), results[0])
+        lines.append(f"\nEvery cell's TrainConfig and the trainer command that trains it alone are in the results JSON; for example "
+                     f"`{example['name']}`:\n\n```bash\n{example['command']}\n```")
+    return {"name": name, "root": root, "grid_meta": grid_meta, "arms": arms, "results": results, "stats": stats, "task": task,
+            "metric": metric, "comparisons": comparisons, "markdown": "\n".join(lines)}
+
+
+def render_status(study: str, tasks: list[dict]) -> str:
+    if not any(t["results"] for t in tasks):
+        return "**Status: plan and code ready; results not yet run (needs GPU time).**"
+    head = f"**Status: results of {time.strftime('%Y-%m-%d')}.**"
+    for t in tasks:
+        c = next((c for c in t["comparisons"] if (c["msp"], c["lora"]) == ANALYSIS_PAIR), None)
+        if c and c["loss"]["mean_diff"] is not None:
+            lo, me = c["loss"], c["metric"]
+            head += (f" `{t['name']}`, MSPLoRA (64,32,16) against LoRA r=64 on q,v: test loss {lo['mean_diff']:+.4f} nats "
+                     f"({lo['verdict']})" + (f", {METRIC_NAMES.get(t['metric'], t['metric'])} {me['mean_diff']:+.3f} ({me['verdict']})"
+                                              if me["mean_diff"] is not None else "") + ".")
+    return head
+
+
+def render_study_setup(model: Path | None, tasks: list[dict]) -> str:
+    parts = []
+    base = next((t["grid_meta"]["base"] for t in tasks if t["grid_meta"]), None)
+    if base is None and model is not None and Path(model).exists():
+        base = gridlib.base_record(Path(model))
+    if base:
+        src = base.get("gguf_source", {})
+        origin = (f", converted from `{src.get('gguf_file')}` (sha256 `{src.get('sha256', '')[:16]}...`, "
+                  f"{src.get('parameters', 0) / 1e6:.1f} M parameters, {src.get('dtype')})") if src else ""
+        parts.append(f"- **Base**: `{base['path']}`{origin}.")
+    for t in tasks:
+        m = t["task"]
+        if not m:
+            parts.append(f"- **Task `{t['name']}`**: not built yet.")
+        elif m.get("task") == "numbers":
+            parts.append(f"- **Task `{t['name']}`** (numbers.py, seed {m['seed']}, up to {m['max_digits']} digits, exact match): "
+                         + ", ".join(f"{s} {m[s]['rows']} rows ({m[s]['to_words']} to words)" for s in ("train", "dev", "test")) + ".")
+        else:
+            parts.append(f"- **Task `{t['name']}`** (make_task.py, chrF): {m['functions_with_docstring']} functions with a docstring in "
+                         "the held-out files; kept " + ", ".join(f"{s} {m[s]['rows']} rows from {m[s]['files']} files (mean "
+                                                                  f"{m[s]['tokens_mean']:.0f} tokens)" for s in ("train", "dev", "test"))
+                         + f"; dropped {m['dropped']}.")
+    return "\n".join(parts) if parts else "Not built yet."
+
+
+def block_name(study: str, name: str) -> str:
+    return f"{study}:{name}" if study else name
+
+
+def write_results_json(path: Path, study: str, model: Path | None, tasks: list[dict]) -> None:
+    data = qlib.read_json(path) if path.exists() else {}
+    data.setdefault("studies", {})[study or "stdlib22m"] = {
+        "generated": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model": str(model) if model else None,
+        "tasks": {t["name"]: {"root": gridlib.repo_relative(t["root"]), "metric": t["metric"], "grid": t["grid_meta"],
+                              "task_manifest": {k: v for k, v in t["task"].items() if k != "functions"},
+                              "comparisons": t["comparisons"], "cells": [cell_record(r) for r in t["results"]]}
+                  for t in tasks}}
+    qlib.write_json(path, data)
+
+
+def parse_tasks(text: str) -> list[tuple[str, Path]]:
+    out = []
+    for item in (x.strip() for x in text.split(",") if x.strip()):
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"error: --tasks item {item!r}: expected NAME=STUDY_ROOT")
+        out.append((name, Path(path)))
+    return out
+
+
 def main(argv=None) -> Path:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--root", type=Path, default=qlib.DEFAULT_ROOT)
+    p.add_argument("--study", default="", help="the study's name, the prefix of its blocks (default: the 22 M study's plain blocks)")
+    p.add_argument("--root", type=Path, default=None, help="without --tasks: one study root with base/, task/, grid/")
+    p.add_argument("--tasks", default=None, help="NAME=ROOT,NAME=ROOT: one study root (task/, grid/) per task")
+    p.add_argument("--model", type=Path, default=None, help="the base (default: ROOT/base)")
     p.add_argument("--out", type=Path, default=qlib.REPO / "docs" / "quality.md")
     p.add_argument("--template", type=Path, default=qlib.REPO / "docs" / "quality.md", help="used when --out does not exist")
     p.add_argument("--img_dir", type=Path, default=qlib.REPO / "docs" / "img", help="where the plot PNGs go")
+    p.add_argument("--results_json", type=Path, default=None, help="default: beside --out, quality_results.json")
+    p.add_argument("--analysis_dir", type=Path, default=None, help="default: beside --out, quality_analysis/")
+    p.add_argument("--n_boot", type=int, default=10000)
     p.add_argument("--no_analysis", action="store_true")
     args = p.parse_args(argv)
+    if args.tasks:
+        task_roots = parse_tasks(args.tasks)
+    else:
+        root = args.root or qlib.DEFAULT_ROOT
+        task_roots = [("docstring", root)]
+        args.model = args.model or root / "base"
+    prefix = f"quality_{args.study}_" if args.study else "quality_"
+    tasks = [task_results(name, root, args.model, args.img_dir, args.out, f"{prefix}{name}_vs_params.png", args.n_boot)
+             for name, root in task_roots]
 
-    grid_dir = args.root / "grid"
-    grid_meta = qlib.read_json(grid_dir / "grid.json") if (grid_dir / "grid.json").exists() else None
-    arms = arms_for(args.root, grid_meta)
-    results = load_results(grid_dir)
-    stats = aggregate(results, arms)
-    plot = plot_loss_vs_params(stats, args.img_dir / PLOT_NAME) if results else None
-    analysis, seed = None, None
-    pair = None if args.no_analysis else analysis_pair(grid_dir, results)
+    analysis_md = ""
+    first = tasks[0]
+    pair = None if args.no_analysis else analysis_pair(first["root"] / "grid", first["results"])
     if pair:
         msp, lora, seed = pair
-        analysis = run_analysis(msp, lora, args.root / "analysis" / f"{ANALYSIS_PAIR[0]}_vs_{ANALYSIS_PAIR[1]}_s{seed}")
+        out = first["root"] / "analysis" / f"{ANALYSIS_PAIR[0]}_vs_{ANALYSIS_PAIR[1]}_s{seed}"
+        analysis = run_analysis(msp, lora, out)
         if analysis:
-            for name in ("level_share.png", "compare_similarity.png"):
-                if (analysis["out"] / name).exists():
-                    shutil.copyfile(analysis["out"] / name, args.img_dir / f"quality_{name}")
+            dest = (args.analysis_dir or args.out.parent / "quality_analysis") / f"{args.study or 'stdlib22m'}_{first['name']}"
+            if dest.exists():
+                shutil.rmtree(dest)
+            shutil.copytree(out, dest)
+            analysis_md = render_analysis(analysis, seed, first["name"], rel_link(dest / "index.html", args.out))
 
     text = (args.out if args.out.exists() else args.template).read_text(encoding="utf-8")
-    text = replace_block(text, "status", render_status(results, stats))
-    text = replace_block(text, "setup", render_setup(args.root))
-    text = replace_block(text, "arms", render_arms(arms))
-    body = render_results(args.root, stats, results, grid_meta, args.img_dir, args.out, analysis, seed, plot)
-    text = replace_block(text, "results", body)
+    text = replace_block(text, block_name(args.study, "status"), render_status(args.study, tasks))
+    setup = render_setup(task_roots[0][1]) if not args.study else render_study_setup(args.model, tasks)
+    text = replace_block(text, block_name(args.study, "setup"), setup)
+    text = replace_block(text, block_name(args.study, "arms"), render_arms(first["arms"]))
+    body = "\n\n".join((f"#### Task `{t['name']}`\n\n" if args.tasks else "") + t["markdown"] for t in tasks) + analysis_md
+    if args.study and not any(t["results"] for t in tasks):
+        body += (f"\n\nThe analysis report of `{ANALYSIS_PAIR[0]}` against `{ANALYSIS_PAIR[1]}` (what each scale learned) is linked "
+                 f"here, from `quality_analysis/{args.study}_{first['name']}/index.html`, once the grid has run.")
+    text = replace_block(text, block_name(args.study, "results"), body)
     qlib.write_text(args.out, text)
-    print(f"wrote {args.out} ({len(results)} cell results" + (f", plot {plot}" if plot else "") + (", analysis" if analysis else "") + ")")
+    json_path = args.results_json or args.out.parent / "quality_results.json"
+    if any(t["results"] for t in tasks):
+        write_results_json(json_path, args.study, args.model, tasks)
+    n = sum(len(t["results"]) for t in tasks)
+    print(f"wrote {args.out} ({n} cell results" + (f", {json_path}" if n else "") + (", analysis" if analysis_md else "") + ")")
     return args.out
 
 

@@ -53,19 +53,41 @@ def output_to(path: Path):
         os.close(saved[1])
 
 
-def run_cell(values: dict, out_dir: Path) -> dict:
-    """Train one cell in this process: TrainConfig(**values), then Trainer(cfg).fit(), its output in
-    out_dir/train.log. Returns {"status": "ok" | "diverged" | "error", "error", "wall_s", "retire"}; the
-    cell's own failure is returned, never raised."""
-    from msplora_dist.errors import UserError
+def train_and_evaluate(values: dict, evaluation: dict | None, out_dir: Path) -> dict | None:
+    """Trainer(TrainConfig(**values)): setup, train, finish (Trainer.fit's steps); then, with `evaluation`
+    ({"rows": path, "metric", "max_new_tokens", "batch_size"}), the task metric on the model just trained
+    (generation.evaluate_model, generations to out_dir/generations.jsonl), before the engine is released."""
+    from experiments.quality.generation import evaluate_model
     from msplora_dist.train.config import TrainConfig
-    from msplora_dist.train.trainer import Trainer, TrainingStopped
+    from msplora_dist.train.trainer import Trainer
+
+    trainer = Trainer(TrainConfig(**values))
+    try:
+        trainer.setup()
+        trainer.train()
+        trainer.finish()
+        if not evaluation:
+            return None
+        return evaluate_model(trainer.engine.module, trainer.plan.tokenizer, qlib.read_jsonl(evaluation["rows"]), evaluation["metric"],
+                              max_new_tokens=evaluation["max_new_tokens"], batch_size=evaluation["batch_size"],
+                              max_seq_len=values["max_seq_len"], micro_batch_size=values["micro_batch_size"],
+                              out_path=out_dir / "generations.jsonl")
+    finally:
+        trainer.close()
+
+
+def run_cell(values: dict, out_dir: Path, evaluation: dict | None = None) -> dict:
+    """Train one cell in this process (train_and_evaluate), its output in out_dir/train.log. Returns
+    {"status": "ok" | "diverged" | "error", "error", "wall_s", "retire", "evaluation"}; the cell's own failure is
+    returned, never raised."""
+    from msplora_dist.errors import UserError
+    from msplora_dist.train.trainer import TrainingStopped
 
     t0 = time.perf_counter()
-    status, error, retire = "ok", None, False
+    status, error, retire, result = "ok", None, False, None
     with output_to(out_dir / "train.log"):
         try:
-            Trainer(TrainConfig(**values)).fit()
+            result = train_and_evaluate(values, evaluation, out_dir)
         except TrainingStopped as err:  # the trainer stopped itself after repeated non-finite steps: a result
             status, error = "diverged", str(err)
         except UserError as err:  # bad input, found before anything was built: the process is as it was
@@ -74,7 +96,7 @@ def run_cell(values: dict, out_dir: Path) -> dict:
         except Exception as err:  # anything else is this cell's error; a fresh worker takes the next cell
             status, error, retire = "error", f"{type(err).__name__}: {err}", True
             traceback.print_exc()
-    return {"status": status, "error": error, "wall_s": round(time.perf_counter() - t0, 2), "retire": retire}
+    return {"status": status, "error": error, "wall_s": round(time.perf_counter() - t0, 2), "retire": retire, "evaluation": result}
 
 
 def _die_with_parent() -> None:
@@ -87,7 +109,7 @@ def _die_with_parent() -> None:
 
 
 def serve(conn, slot: int) -> None:
-    """A worker process's main: run each {"values", "out_dir"} received on conn, send back its outcome;
+    """A worker process's main: run each {"values", "out_dir", "evaluation"} received on conn, send back its outcome;
     stop on None or when the scheduler is gone."""
     _die_with_parent()
     os.chdir(qlib.REPO)  # cells' paths are relative to the repository, as in their recorded commands
@@ -102,7 +124,7 @@ def serve(conn, slot: int) -> None:
                 break
             if job is None:
                 break
-            outcome = run_cell(job["values"], Path(job["out_dir"]))
+            outcome = run_cell(job["values"], Path(job["out_dir"]), job.get("evaluation"))
             outcome.update(env=env, worker={"slot": slot, "pid": os.getpid(), "cells_before": done})
             done += 1
             conn.send(outcome)
@@ -135,8 +157,8 @@ class Worker:
         child.close()
         self.busy_since: float | None = None
 
-    def submit(self, values: dict, out_dir: Path) -> None:
-        self.conn.send({"values": values, "out_dir": str(out_dir)})
+    def submit(self, values: dict, out_dir: Path, evaluation: dict | None = None) -> None:
+        self.conn.send({"values": values, "out_dir": str(out_dir), "evaluation": evaluation})
         self.busy_since = time.perf_counter()
 
     def poll(self) -> dict | None:

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from experiments.quality import bundle, grid, make_task, prepare, qlib, report, worker
+from experiments.quality import arms as armlib
+from experiments.quality import bundle, grid, make_task, prepare, qlib, report, tables, worker
 from msplora_dist import MSPLoRAConfig, count_params
 from msplora_dist.train.backbone import projection_features
 from msplora_dist.train.config import TrainConfig, parse_config
@@ -176,7 +177,7 @@ def test_assign_splits_keeps_big_files_out_of_eval_and_fills_every_split():
 def test_matched_arms_have_the_same_trainable_parameters(preset):
     shape = qlib.MODEL_PRESETS[preset]
     features, L = projection_features(shape), shape["num_hidden_layers"]
-    arms = {a.name: a for a in grid.define_arms(features, L, groups=3, tol=0.03)}
+    arms = {a.name: a for a in armlib.define_arms(features, L, groups=3, tol=0.03)}
     for a in arms.values():
         cfg = MSPLoRAConfig(ranks=a.ranks, target_modules=a.targets, num_mid_groups=3)
         assert a.params == count_params(cfg, L, {t: features[t] for t in a.targets}).total
@@ -193,11 +194,11 @@ def test_matched_arms_have_the_same_trainable_parameters(preset):
 
 def test_match_keeps_the_shape_and_refuses_the_impossible():
     features = projection_features(qlib.MODEL_PRESETS["base"])
-    target = grid.trainable_params((0, 0, 64), grid.QV, features, 8, 3)
-    g, m, low = grid.match_msplora_ranks(target, grid.QV, features, 8, 3)
+    target = armlib.trainable_params((0, 0, 64), armlib.QV, features, 8, 3)
+    g, m, low = armlib.match_msplora_ranks(target, armlib.QV, features, 8, 3)
     assert 1.6 < g / m < 2.5 and 1.6 < m / low < 2.5
     with pytest.raises(ValueError):
-        grid.match_msplora_ranks(10, grid.QV, features, 8, 3)  # below one rank of everything
+        armlib.match_msplora_ranks(10, armlib.QV, features, 8, 3)  # below one rank of everything
 
 
 def _write_result(grid_dir: Path, cell: grid.Cell, loss, status: str = "ok") -> None:
@@ -207,7 +208,7 @@ def _write_result(grid_dir: Path, cell: grid.Cell, loss, status: str = "ok") -> 
 
 
 def test_lr_search_then_final_cells(tmp_path):
-    arms = [grid.Arm("a", (0, 0, 4), grid.QV, 100), grid.Arm("b", (4, 2, 1), grid.QV, 60)]
+    arms = [armlib.Arm("a", (0, 0, 4), armlib.QV, 100), armlib.Arm("b", (4, 2, 1), armlib.QV, 60)]
     lrs, seeds = [1e-4, 1e-3, 1e-2], [1, 2]
     cells = grid.planned_cells(tmp_path, arms, lrs, seeds, 0)
     assert [c.phase for c in cells] == ["lr"] * 6  # no final cell before its arm's search is done
@@ -224,13 +225,13 @@ def test_lr_search_then_final_cells(tmp_path):
 
 
 def test_a_cells_config_is_the_command_it_records(tmp_path):
-    arm = grid.Arm("msp", (4, 2, 1), grid.QV, 60)
+    arm = armlib.Arm("msp", (4, 2, 1), armlib.QV, 60)
     values = grid.cell_values(grid.Cell("msp", "final", 3e-4, 2), arm, grid.Protocol(), tmp_path, tmp_path / "grid")
     argv = shlex.split(grid.train_command(values))
     assert argv[:2] == ["python", "launch/train.py"]
     cfg = TrainConfig(**values)
     assert parse_config(argv[2:]) == cfg  # the recorded command trains exactly the cell
-    assert (cfg.ranks, cfg.target_modules, cfg.lr, cfg.seed, cfg.alphas) == ((4, 2, 1), grid.QV, 3e-4, 2, (16.0,) * 3)
+    assert (cfg.ranks, cfg.target_modules, cfg.lr, cfg.seed, cfg.alphas) == ((4, 2, 1), armlib.QV, 3e-4, 2, (16.0,) * 3)
     assert [s.path for s in cfg.eval_data] == [str(tmp_path / "task" / "test.jsonl")]
     assert cfg.output_dir == str(tmp_path / "grid" / "cells" / "msp__final__lr0.0003__s2")
 
@@ -274,36 +275,43 @@ def test_grid_trains_its_cells_in_one_worker_records_a_failed_one_and_resumes(tm
     assert {r["worker"]["pid"] for r in results.values()} == {good[0]["worker"]["pid"]}
     assert sorted(r["worker"]["cells_before"] for r in results.values()) == [0, 1, 2]
     assert (tmp_path / "grid" / "cells" / good[1]["name"] / "adapter" / "msplora_config.json").exists()
+    # The final cell generated for its test rows on the model it trained, through the DeepSpeed engine's module.
+    ev = good[1]["evaluation"]
+    assert good[1]["metric"] == "chrf" and ev["n"] == 4 and ev["prompt_mismatches"] == 0 and "metric_mean" not in good[0]
+    assert math.isclose(ev["loss_from_examples"], good[1]["final_eval_loss"], rel_tol=1e-4)  # the trainer's test loss, per example
+    assert len(qlib.read_jsonl(tmp_path / "grid" / "cells" / good[1]["name"] / "generations.jsonl")) == 4
     assert grid.main(argv)["ran"] == 0  # finished cells (the failed one too) are skipped on a rerun
 
 
 # --- report and bundles ----------------------------------------------------------------------------------
 
 def test_report_statistics_and_blocks(tmp_path):
-    arms = [dict(name="msp", kind="MSPLoRA", params=50, targets=list(grid.QV), ranks=[4, 2, 1]),
-            dict(name="lora", kind="LoRA", params=100, targets=list(grid.QV), ranks=[0, 0, 8])]
+    arms = [dict(name="msp", kind="MSPLoRA", params=50, targets=list(armlib.QV), ranks=[4, 2, 1]),
+            dict(name="lora", kind="LoRA", params=100, targets=list(armlib.QV), ranks=[0, 0, 8])]
     results = []
     for seed, (a, b) in enumerate([(2.00, 2.10), (2.02, 2.11), (2.01, 2.12)], start=1):
         results += [{"arm": "msp", "phase": "final", "seed": seed, "status": "ok", "final_eval_loss": a, "base_eval_loss": 3.0,
                      "lr": 1e-3, "wall_s": 5, "name": f"m{seed}"},
                     {"arm": "lora", "phase": "final", "seed": seed, "status": "ok", "final_eval_loss": b, "base_eval_loss": 3.0,
                      "lr": 1e-3, "wall_s": 5, "name": f"l{seed}"}]
-    stats = report.aggregate(results, arms)
+    stats = tables.aggregate(results, arms)
     assert stats["msp"]["n"] == 3 and math.isclose(stats["msp"]["mean"], 2.01)
-    c = report.compare(stats, "msp", "lora")
-    assert c["verdict"] == "MSPLoRA lower" and c["ci"][1] < 0 and math.isclose(c["mean_diff"], -0.1)
+    c = tables.compare(stats, "msp", "lora")
+    # no per-example values (a grid of the 22 M study, loss only): the seed interval alone, so no verdict
+    assert c["loss"]["seed_ci"][1] < 0 and math.isclose(c["loss"]["mean_diff"], -0.1) and c["loss"]["example_ci"] is None
+    assert c["loss"]["verdict"] == "no difference resolved" and c["metric"]["verdict"] == "not run yet"
     assert math.isclose(c["gain_ratio"], (3 - 2.01) / (3 - 2.11))
     results[1]["final_eval_loss"] = 1.9  # seed 1's LoRA much better: the interval now spans 0
-    c = report.compare(report.aggregate(results, arms), "msp", "lora")
-    assert c["verdict"] == "no difference resolved" and c["ci"][0] < 0 < c["ci"][1]
-    assert report.plot_loss_vs_params(stats, tmp_path / "p.png").stat().st_size > 1000
+    c = tables.compare(tables.aggregate(results, arms), "msp", "lora")
+    assert c["loss"]["seed_ci"][0] < 0 < c["loss"]["seed_ci"][1]
+    assert tables.plot_vs_params(stats, tmp_path / "p.png", "t").stat().st_size > 1000
 
     doc = (REPO / "docs" / "quality.md").read_text()
     for name in ("status", "setup", "arms", "results"):
         assert f"<!-- BEGIN generated:{name} -->" in doc and f"<!-- END generated:{name} -->" in doc
     out = report.replace_block(doc, "results", "NEW")
     assert "NEW\n<!-- END generated:results -->" in out and report.replace_block(out, "results", "NEW") == out
-    assert "Not yet run" in report.render_results(tmp_path, {}, [], None, tmp_path, tmp_path / "q.md", None, None, None)
+    assert "<!-- BEGIN generated:smol:results -->" in out  # another study's block is left alone
 
 
 def test_bundle_round_trip_in_parts(tmp_path):

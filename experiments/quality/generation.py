@@ -55,14 +55,10 @@ def training_prefix(tokenizer, row: dict) -> list[int]:
 
 
 def prompt_ids(tokenizer, row: dict) -> list[int]:
-    """generate.format_prompt's text, tokenized as training tokenizes it (bos first when the tokenizer has one)."""
+    """generate.format_prompt's ids: the training template, with the one bos training starts a row with."""
     from msplora_dist.cli.generate import format_prompt
 
-    text, _ = format_prompt(tokenizer, row["instruction"], input=row.get("input", ""))
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if tokenizer.bos_token_id is not None:
-        ids = [tokenizer.bos_token_id, *ids]
-    return ids
+    return format_prompt(tokenizer, row["instruction"], input=row.get("input", ""))
 
 
 @torch.inference_mode()

@@ -219,8 +219,8 @@ def test_batched_greedy_generation_equals_the_generate_command_one_by_one(tiny):
     assert prompts == [generation.training_prefix(tok, r) for r in rows]  # what training conditioned the response on
     batched = generation.greedy_batched(model, tok, prompts, max_new_tokens=10, batch_size=3)
     for row, out in zip(rows, batched, strict=True):
-        text, special = cli.format_prompt(tok, row["instruction"], input=row.get("input", ""))
-        assert out == cli.generate(model, tok, text, add_special_tokens=special, max_new_tokens=10, temperature=0)
+        ids = cli.format_prompt(tok, row["instruction"], input=row.get("input", ""))
+        assert out == cli.generate(model, tok, ids, max_new_tokens=10, temperature=0)
 
 
 def test_example_losses_sum_to_the_trainers_loss(tiny):

@@ -141,4 +141,5 @@ def test_a_20_mb_row_is_tokenized_only_as_far_as_max_seq_len_needs_and_loses_not
     # The same tokens and labels as tokenizing the whole text (here 200 kB of it, enough to tell).
     short = json.loads(json.dumps(row).replace("word " * 4_000_000, "word " * 40_000))
     monkeypatch.setattr(data, "CHARS_PER_TOKEN_BOUND", 10**9)
-    assert tokenize_row(short, fmt, tokenizer, 64, False) == tokenize_row(row, fmt, tokenizer, 64, False) == capped
+    # (Tokenizing the whole 20 MB uncapped would take 15 s a case, for the same answer.)
+    assert tokenize_row(short, fmt, tokenizer, 64, False) == capped

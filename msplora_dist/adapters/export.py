@@ -83,6 +83,7 @@ def resolve_base(adapter_dir: str | os.PathLike, base: str | os.PathLike | None)
     recorded = meta.get("base_model")
     if recorded is None:
         return None, None
+    refuse_gguf(Path(recorded))  # trained on a GGUF: serving and merging want its converted directory
     if Path(recorded).is_dir():
         return str(recorded), None
     return None, f"the adapter records its base model as {recorded!r}, which is not a directory here"

@@ -63,8 +63,9 @@ def adapter_metadata(model: nn.Module, base_model: str | os.PathLike | None = No
 def save_adapter(model: nn.Module, path: str | os.PathLike, *, gather: Gather = no_gather,
                  base_model: str | os.PathLike | None = None) -> Path:
     """Write the adapter hierarchy of `model` to directory `path` (every rank may call it; under
-    torch.distributed only rank 0 writes, after all ranks have gathered). base_model: the base model's path
-    or hub name, recorded in msplora_config.json for the export and for the reader."""
+    torch.distributed only rank 0 writes, after all ranks have gathered). base_model: the base model's local
+    path (the trainer gives a Hub name's snapshot, or the GGUF file), recorded in msplora_config.json for the export
+    and for the reader."""
     state = adapter_state_dict(model, gather=gather)
     meta = adapter_metadata(model, base_model)
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:

@@ -31,6 +31,7 @@ from msplora_dist.train import data as data_module
 from msplora_dist.train import prompts as prompts_module
 from msplora_dist.train import rows as rows_module
 from msplora_dist.train.data import CHAT_FORMATS, tokenize_rows
+from msplora_dist.utils.fileio import sha256_file
 from msplora_dist.utils.log import log
 
 TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*", "merges.txt", "*.model",
@@ -40,14 +41,6 @@ DATA_FILE = "tokens.arrow"
 
 def default_cache_dir() -> Path:
     return Path(datasets.config.HF_DATASETS_CACHE) / "msplora_tokenized"
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def code_version() -> str:
@@ -64,7 +57,7 @@ def tokenizer_fingerprint(tokenizer, fmt: str) -> dict:
         for pattern in TOKENIZER_FILES:
             for path in sorted(where.glob(pattern)):
                 if path.is_file():
-                    files[path.name] = _sha256_file(path)
+                    files[path.name] = sha256_file(path)
     elif where.is_file():  # a single-file checkpoint (GGUF): too large to hash on every run
         stat = where.stat()
         files[where.name] = f"{stat.st_size}:{stat.st_mtime_ns}"

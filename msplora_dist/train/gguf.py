@@ -93,9 +93,13 @@ def load_tokenizer(file: Path, flag: str = "--model"):
     _require_packages(file, flag)
     directory, kwargs = source(file)
     try:
-        return AutoTokenizer.from_pretrained(directory, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
     except _READ_ERRORS as err:
         raise ConfigError(f"{flag} {str(file)!r}: no usable tokenizer in the GGUF metadata ({first_line(err)})") from None
+    # transformers names the tokenizer after the directory; the file itself is what the tokenized cache must key on
+    # (two GGUFs of one folder can have tokenizers of the same class, size and special tokens: cache.py).
+    tokenizer.name_or_path = str(file)
+    return tokenizer
 
 
 def load_kwargs(file: Path) -> dict:

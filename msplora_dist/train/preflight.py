@@ -1,6 +1,7 @@
 """Everything a user can get wrong, checked before any process spends time loading the model: the configs,
 the model directory, the data (every row tokenized), the output directory and the resume checkpoint.
-Raises UserError (one line: the value and what was expected) and writes nothing but a removed probe file.
+Raises UserError (one line: the value and what was expected). It writes no run output: only the output directory
+itself (checked writable with a removed probe file) and the tokenized-data cache (train/cache.py).
 """
 
 from __future__ import annotations
@@ -151,7 +152,7 @@ def check_dependencies() -> None:
 
 
 def preflight(cfg: TrainConfig, world: int, on_gpu: bool) -> Plan:
-    """Check everything a user can get wrong and prepare the data. Raises UserError; writes nothing."""
+    """Check everything a user can get wrong and prepare the data. Raises UserError; writes no run output."""
     check_dependencies()
     dtype = cfg.resolved_dtype(on_gpu)
     raw_ds = read_ds_config(cfg.ds_config)
@@ -164,7 +165,7 @@ def preflight(cfg: TrainConfig, world: int, on_gpu: bool) -> Plan:
         raise ConfigError(f"target_modules {unknown} are not projections of a {hf_config['model_type']} model; "
                           f"expected some of {list(features)}")
     if cfg.load_in_4bit:
-        if (gguf_file := gguf.find_gguf(cfg.model)) is not None:
+        if (gguf_file := gguf.find_gguf(model_dir)) is not None:
             raise gguf_4bit_refused(gguf_file)
         quantization_config(DTYPES[dtype])  # bitsandbytes importable and usable
     needed = ATTN_IMPLEMENTATIONS.get(cfg.attn_implementation)

@@ -175,7 +175,8 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def save_checkpoint(engine, output_dir: str | Path, step: int, trainer_state: dict, keep_last: int) -> Path:
+def save_checkpoint(engine, output_dir: str | Path, step: int, trainer_state: dict, keep_last: int,
+                    base_model: str | Path | None = None) -> Path:
     """Collective: every rank calls it. Returns the final directory.
 
     A write that fails (a full disk, an I/O error) raises WriteFailed in one line, after removing the temporary folder:
@@ -190,7 +191,7 @@ def save_checkpoint(engine, output_dir: str | Path, step: int, trainer_state: di
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         _barrier()
-        save_adapter(engine.module, tmp / "adapter", gather=gathered)
+        save_adapter(engine.module, tmp / "adapter", gather=gathered, base_model=base_model)
         engine.save_checkpoint(str(tmp / "ds"), tag="state", exclude_frozen_parameters=True, save_latest=False)
         rank = dist.get_rank() if dist.is_initialized() else 0
         torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")

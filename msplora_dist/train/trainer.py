@@ -2,7 +2,7 @@
 
 Lifecycle (each a method; `fit` runs them in order):
 
-    trainer = Trainer(cfg)   # preflight: every check a user can fail, the data tokenized; writes nothing
+    trainer = Trainer(cfg)   # preflight: every check a user can fail, the data tokenized; no run output yet
     trainer.setup()          # process group, backbone + MSPLoRA, deepspeed.initialize, resume, step-0 eval
     trainer.train()          # step() until the planned number of steps; evaluate() and save() on schedule
     summary = trainer.finish()   # replicas compared, final adapter, analysis report, summary.json
@@ -265,7 +265,8 @@ class Trainer:
         return loss, math.exp(min(loss, 50.0))
 
     def step(self) -> dict:
-        """One optimizer step on the next global batch; returns its record (also appended to history)."""
+        """One optimizer step on the next global batch; returns its record (train() adds evaluation and appends it to
+        history; a caller of step() alone, the benchmark, keeps the records itself)."""
         cfg, plan, engine = self.cfg, self.plan, self.engine
         train_ds, sampler, pad_id = plan.train_ds, plan.sampler, plan.tokenizer.pad_token_id
         t0 = time.perf_counter()
@@ -300,7 +301,7 @@ class Trainer:
                                   "be corrupt (this should not happen with ZeRO stage >= 1), stopping")
         if not applied:
             # DeepSpeed steps the schedule only with an applied update; the schedule counts steps, so that after skipped
-            # ones the cosine still ends at min lr on the last step.
+            # ones the cosine still ends where an uninterrupted run's does.
             self.scheduler.step()
         grad_norm = engine.get_global_grad_norm()
         record = {"step": step, "loss": loss, "lr": lr,
@@ -341,7 +342,7 @@ class Trainer:
                     # After skipped steps the adapters are those of the last good step: this checkpoint holds them.
                     path = self.save()
                 signum = stop_agreed(self.stop_request, self.device)  # every rank stops after the same step
-                if signum and not stop:
+                if signum and not stop and step < total_steps:  # on the last step the run is done: finish() writes it
                     path = path or self.save()
                     raise TrainingInterrupted(f"stopped by {signal.Signals(signum).name} after step {step}/{total_steps}; "
                                               f"checkpoint {path}: continue with --resume latest", signum)
@@ -365,9 +366,16 @@ class Trainer:
         state = {"step": self.step_count, "world_size": self.world, "zero_stage": plan.zero_stage,
                  "dtype": plan.dtype, "num_train_examples": plan.sampler.num_examples, "total_steps": plan.total_steps,
                  "history": self.history, "config": self.cfg.to_dict()}
-        path = save_checkpoint(self.engine, self.output_dir, self.step_count, state, self.cfg.keep_last)
+        path = save_checkpoint(self.engine, self.output_dir, self.step_count, state, self.cfg.keep_last,
+                               base_model=self.base_model)
         log(f"checkpoint: {path}")
         return path
+
+    @property
+    def base_model(self) -> Path:
+        """The base every adapter this run writes records, for export, sampling and serving: the model as loaded
+        (a Hub name's local snapshot, a GGUF file)."""
+        return Path(self.plan.model_dir).resolve()
 
     # ------------------------------------------------------------------------------------------ the end
 
@@ -385,7 +393,7 @@ class Trainer:
                 raise RuntimeError("the adapter replicas differ across ranks after training; this is a bug, please report it")
             try:
                 # Atomic: nothing partial is left on failure. The base is recorded for export and serving.
-                save_adapter(engine.module, self.output_dir / "adapter", base_model=Path(self.plan.model_dir).resolve())
+                save_adapter(engine.module, self.output_dir / "adapter", base_model=self.base_model)
             except (OSError, ConfigError) as err:
                 reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
                 raise WriteFailed(f"writing the final adapter to {self.output_dir / 'adapter'} failed: {reason}; the training "

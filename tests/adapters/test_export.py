@@ -552,3 +552,16 @@ def test_script_exports_and_prints_the_vllm_commands_and_refuses_bad_input(all7,
     rc, stdout, stderr = _run_main(main, capfd, "--adapter", big, "--format", "peft", "--out", tmp_path / "big", "--max_rank", "300")
     assert rc == 0, stderr
     assert "max_lora_rank=320" in stdout and "--max-lora-rank 320" in stdout and "largest relative error" in stdout
+
+
+def test_an_adapter_trained_on_a_gguf_base_asks_for_its_converted_directory(tmp_path, make_model):
+    """The trainer records a GGUF base as the file; export and sampling need a plain directory, so they say which
+    conversion to run instead of "not a directory here"."""
+    from msplora_dist.adapters.export import resolve_base
+
+    model = apply_msplora(make_model("llama", num_layers=2), MSPLoRAConfig(ranks=(2, 2, 2), num_mid_groups=1))
+    gguf = tmp_path / "base.gguf"
+    gguf.write_bytes(b"GGUF")
+    save_adapter(model, tmp_path / "adapter", base_model=gguf)
+    with pytest.raises(CheckpointError, match=r"is a GGUF model; convert it once \(python launch/convert_gguf.py"):
+        resolve_base(tmp_path / "adapter", None)

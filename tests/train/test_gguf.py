@@ -66,6 +66,18 @@ def test_the_gguf_tokenizer_tokenizes_as_the_source_tokenizer(tiny_gguf):
     assert (ours.eos_token_id, ours.bos_token_id) == (theirs.eos_token_id, theirs.bos_token_id)
 
 
+def test_two_ggufs_of_one_folder_never_share_a_tokenized_cache_entry(tiny_gguf, tmp_path):
+    """transformers names a GGUF tokenizer after its folder; the cache key must see which file it came from, or a
+    second GGUF of the same folder (same tokenizer class, size and special tokens) reuses the first one's tokens."""
+    from msplora_dist.train.cache import tokenizer_fingerprint
+
+    shutil.copy(tiny_gguf, tmp_path / "a.gguf")
+    shutil.copy(tiny_gguf, tmp_path / "b.gguf")
+    (tmp_path / "b.gguf").write_bytes((tmp_path / "b.gguf").read_bytes() + b"\0" * 32)  # another file, same tokenizer
+    a, b = (tokenizer_fingerprint(load_tokenizer(tmp_path / name), "alpaca") for name in ("a.gguf", "b.gguf"))
+    assert a["path"].endswith("a.gguf") and a["files"] and a != b
+
+
 def test_a_directory_holding_one_gguf_is_that_gguf(tiny_gguf, tmp_path):
     shutil.copy(tiny_gguf, tmp_path / "model.gguf")
     ours, theirs = check_model_dir(tmp_path), check_model_dir(tiny_gguf)

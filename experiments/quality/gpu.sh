@@ -71,22 +71,28 @@ smol_base() {
 # shellcheck disable=SC2086
 smol_grid() {
   [ -f "$SMOL_BASE/model.safetensors" ] || { echo "== no $SMOL_BASE: a cold machine; start again with smol-recv"; return 3; }
-  local common="--model $SMOL_BASE --steps ${SMOL_STEPS:-80} --micro_batch_size 32 --eval_steps 40 --gen_batch_size 128 --widen 1
+  local common="--model $SMOL_BASE --steps ${SMOL_STEPS:-80} --micro_batch_size 32 --eval_steps 40 --gen_batch_size 128 --widen 2
     --jobs ${SMOL_JOBS:-4} ${GPUS:+--gpus $GPUS} ${SMOL_GRID_ARGS:-}"
-  local left=$((BUDGET - SECONDS - 45))
-  if [ "$left" -gt 60 ]; then
-    stage python3 -m experiments.quality.grid --root "$SMOL/docstring" $common --gen_max_new_tokens 64 --deadline_s "$left"
-  fi
-  left=$((BUDGET - SECONDS - 45))
-  if [ "$left" -gt 60 ]; then
-    stage python3 -m experiments.quality.grid --root "$SMOL/numbers" $common --gen_max_new_tokens 48 --arms "$NUMBERS_ARMS" \
-      --deadline_s "$left"
-  fi
-  mkdir -p "$OUT/docstring" "$OUT/numbers"
-  stage python3 -m experiments.quality.bundle pack --root "$SMOL/docstring" --what grid --out "$OUT/docstring"
-  stage python3 -m experiments.quality.bundle pack --root "$SMOL/numbers" --what grid --out "$OUT/numbers" --adapters ""
-  stage python3 -m experiments.quality.grid --root "$SMOL/docstring" $common --status
-  stage python3 -m experiments.quality.grid --root "$SMOL/numbers" $common --arms "$NUMBERS_ARMS" --status
+  # task, its own flags; a task whose folder was not carried (finished, its results here already) is skipped
+  local tasks=("docstring|--gen_max_new_tokens 64" "numbers|--gen_max_new_tokens 48 --arms $NUMBERS_ARMS") t name flags left
+  for t in "${tasks[@]}"; do
+    name=${t%%|*} flags=${t#*|}
+    if [ ! -f "$SMOL/$name/task/manifest.json" ]; then echo "== no $SMOL/$name/task here: $name skipped"; continue; fi
+    left=$((BUDGET - SECONDS - 45))
+    if [ "$left" -gt 60 ]; then
+      stage python3 -m experiments.quality.grid --root "$SMOL/$name" $common $flags --deadline_s "$left"
+    fi
+  done
+  for t in "${tasks[@]}"; do
+    name=${t%%|*} flags=${t#*|}
+    [ -f "$SMOL/$name/task/manifest.json" ] || continue
+    mkdir -p "$OUT/$name"
+    # the docstring grid brings back the two adapters the report analyses; numbers none
+    local pack_extra=()
+    if [ "$name" = numbers ]; then pack_extra=(--adapters ""); fi
+    stage python3 -m experiments.quality.bundle pack --root "$SMOL/$name" --what grid --out "$OUT/$name" "${pack_extra[@]}"
+    stage python3 -m experiments.quality.grid --root "$SMOL/$name" $common $flags --status
+  done
 }
 
 main() {

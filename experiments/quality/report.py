@@ -50,6 +50,7 @@ from experiments.quality.tables import (
     render_comparisons,
     render_cost,
     render_lr_search,
+    render_reading,
     table,
 )
 
@@ -212,6 +213,9 @@ def task_results(name: str, root: Path, model: Path | None, img_dir: Path, out_m
                      "values averaged over their seeds); a verdict only where both intervals exclude 0; gain ratio = MSPLoRA's "
                      "loss drop from the base model / LoRA's):\n")
         lines.append(body)
+        reading = render_reading(comparisons, stats, metric)
+        if reading:
+            lines.append("\n" + reading)
         plot = plot_vs_params(stats, img_dir / plot_name, f"{name}: test loss and metric against adapter size", metric)
         if plot:
             lines.append(f"\n![{name}: test loss and metric against trainable parameters]({rel_link(plot, out_md)})\n")

@@ -138,6 +138,48 @@ def render_comparisons(stats: dict, metric: str | None, n_boot: int = 10000) -> 
     return table(header, rows), out
 
 
+def bounds(measure: dict) -> tuple[float, float] | None:
+    """The range of differences that the two intervals together leave open (their union: a difference is ruled
+    out only where both exclude it), or None without a seed interval."""
+    cis = [ci for ci in (measure["seed_ci"], measure["example_ci"]) if ci]
+    return (min(c[0] for c in cis), max(c[1] for c in cis)) if measure["seed_ci"] else None
+
+
+def signed(x: float, digits: int = 4) -> str:
+    """x with a sign to `digits` places; a nonzero value that would print as zero in scientific notation, so a
+    bound that barely crosses 0 does not read as 0."""
+    return f"{x:+.1e}" if x and abs(x) < 0.5 * 10 ** -digits else f"{x:+.{digits}f}"
+
+
+def render_reading(comparisons: list[dict], stats: dict, metric: str | None) -> str:
+    """One sentence per comparison: its verdict, and where none is resolved how large a difference the intervals
+    still allow, the loss also as a share of the LoRA arm's loss drop from the base model (what LoRA gained)."""
+    name = METRIC_NAMES.get(metric, metric or "metric")
+    lines = []
+    for c in comparisons:
+        lo, me = c["loss"], c["metric"]
+        b = bounds(lo)
+        if b is None:
+            continue
+        ref = stats[c["lora"]]
+        gain = ref["base_test_loss"] - ref["mean"] if finite(ref["base_test_loss"]) and ref["mean"] is not None else None
+        share = (f" ({100 * b[0] / gain:+.1f}% to {100 * b[1] / gain:+.1f}% of the {gain:.3f} nats LoRA gained on the base)"
+                 if gain and gain > 0 else "")
+        text = f"- `{c['msp']}` vs `{c['lora']}` ({c['params_ratio']:.2f}x the parameters): loss **{lo['verdict']}**"
+        if lo["verdict"] == st.UNRESOLVED:
+            text += f", a difference between {signed(b[0])} and {signed(b[1])} nats still open{share}"
+        mb = bounds(me)
+        if mb is not None:
+            text += f"; {name} **{me['verdict']}**"
+            if me["verdict"] == st.UNRESOLVED:
+                text += f", between {mb[0]:+.3f} and {mb[1]:+.3f} still open"
+        lines.append(text + ".")
+    if not lines:
+        return ""
+    return ("**Reading** (MSPLoRA minus LoRA; a range still open spans both intervals: the loss could be that much "
+            "higher (positive: worse) or lower without either interval ruling it out):\n\n" + "\n".join(lines))
+
+
 def render_lr_search(stats: dict, search_seed) -> str:
     lrs = sorted({lr for s in stats.values() for lr in s["lr_search"]})
     rows, edges = [], []

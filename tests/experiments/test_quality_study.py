@@ -281,6 +281,20 @@ def test_report_renders_a_task_and_writes_every_cell_as_json(tmp_path):
     assert data["comparisons"][0]["metric"]["verdict"] == stats.BETTER
 
 
+def test_the_reading_states_the_range_both_intervals_leave_open_as_a_share_of_loras_gain():
+    unresolved = {"seed_ci": [-0.011, 0.016], "example_ci": [-0.001, 0.0055], "verdict": stats.UNRESOLVED}
+    barely = {"seed_ci": [-0.005, 3.6e-6], "example_ci": [-0.0048, -0.0004], "verdict": stats.UNRESOLVED}
+    resolved = {"seed_ci": [0.01, 0.03], "example_ci": [0.02, 0.04], "verdict": stats.BETTER}
+    comps = [{"msp": "m", "lora": "l", "params_ratio": 1 / 3, "loss": unresolved, "metric": resolved},
+             {"msp": "m2", "lora": "l", "params_ratio": 1.0, "loss": barely, "metric": {"seed_ci": None, "example_ci": None}}]
+    text = tables.render_reading(comps, {"l": {"base_test_loss": 3.0, "mean": 2.5}}, "chrf")
+    first, second = text.splitlines()[-2:]
+    assert tables.bounds(unresolved) == (-0.011, 0.016)  # the union: ruled out only where both exclude it
+    assert "between -0.0110 and +0.0160 nats still open (-2.2% to +3.2% of the 0.500 nats LoRA gained" in first
+    assert f"chrF **{stats.BETTER}**." in first and "chrF" not in second  # a resolved verdict has no open range
+    assert "+3.6e-06 nats" in second  # a bound that barely crosses 0 does not print as +0.0000
+
+
 def test_the_document_has_the_smol_blocks_and_an_unrun_task_says_so(tmp_path):
     doc = (REPO / "docs" / "quality.md").read_text()
     for name in ("status", "setup", "arms", "results"):

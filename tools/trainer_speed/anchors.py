@@ -110,7 +110,7 @@ def build(name: str, spec: dict, device: torch.device):
     """(model in training mode, its trainable parameters, whether its forward runs under bf16 autocast)."""
     if name in ("unsloth", "unsloth-offload"):
         model, params = unsloth_model(spec, True if name == "unsloth" else "unsloth")
-        return model, params, True  # under bf16 autocast, as Unsloth's own recipe trains
+        return model.train(), params, True  # under bf16 autocast, as Unsloth's own recipe trains
     checkpointing = spec["gradient_checkpointing"] if name == "torch-peft" else True
     model, params = peft_model(spec, device, checkpointing=checkpointing, liger=name == "peft-liger")
     return model.train(), params, False

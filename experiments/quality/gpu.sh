@@ -10,6 +10,9 @@
 #   bash experiments/quality/gpu.sh smol-recv   # call A: wheels installed, the GGUF's first half checked, kept
 #   bash experiments/quality/gpu.sh smol        # call B: second half; join, convert, grids until the budget
 #   bash experiments/quality/gpu.sh smol-grid   # calls C, D: the grids go on where they stopped
+# The trainer's speed on SmolLM2 against a plain PyTorch + PEFT loop (docs/benchmarks.md), after call A the same way:
+#   bash experiments/quality/gpu.sh smol-speed  # call B: second half; join, convert, python -m tools.trainer_speed
+# SPEED_ROWS / SPEED_ANCHORS (zero2,zero2-liger / torch-peft), SPEED_ARGS (more flags) change what it runs.
 # SMOL_JOBS (4), SMOL_STEPS (80), SMOL_GRID_ARGS (more grid flags for both tasks), NUMBERS_ARMS (the arms of the
 # numbers grid) change the plan; docs/quality.md gives the carry lists.
 #
@@ -95,6 +98,17 @@ smol_grid() {
   done
 }
 
+# shellcheck disable=SC2086
+smol_speed() {
+  [ -f "$SMOL_BASE/model.safetensors" ] || { echo "== no $SMOL_BASE: a cold machine; start again with smol-recv"; return 3; }
+  # rows of random words longer than 256 tokens (every word is at least one SmolLM2 token): packed, one row a sequence
+  stage python3 -m tools.bench --mode make-data --rows 128 --min_tokens 300 --save-dir runs/bench_smol.jsonl &&
+  stage python3 -m tools.trainer_speed --model "$SMOL_BASE" --data runs/bench_smol.jsonl --out "$OUT/speed_smol.json" \
+    --workdir runs/trainer_speed_smol --batch 16 --seq 256 --steps 40 --warmup 5 --repeat 2 --load_in_4bit false \
+    --gradient_checkpointing false --ranks msp_all_eq_lora16 --rows "${SPEED_ROWS:-zero2,zero2-liger}" \
+    --anchors "${SPEED_ANCHORS:-torch-peft}" ${SPEED_ARGS:-}
+}
+
 main() {
   if [ -d .whl ] && [ -z "${NO_WHEELS:-}" ] && [ ! -f /tmp/site/.installed ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || return 1
@@ -124,7 +138,8 @@ print('image stdlib', p, '| test suite:', has('test', 'test_json'), '| tkinter:'
     smol-recv) smol_recv || rc=$? ;;
     smol) smol_base && smol_grid || rc=$? ;;
     smol-grid) smol_grid || rc=$? ;;
-    *) echo "usage: bash experiments/quality/gpu.sh all|base|grid|smol-recv|smol|smol-grid"; return 2 ;;
+    smol-speed) smol_base && smol_speed || rc=$? ;;
+    *) echo "usage: bash experiments/quality/gpu.sh all|base|grid|smol-recv|smol|smol-grid|smol-speed"; return 2 ;;
   esac
   echo "== [$SECONDS s] done (exit $rc); \$OUT holds: $(ls "$OUT" | tr '\n' ' ')"
   return "$rc"

@@ -99,6 +99,21 @@ def enable_checkpointing(model, reentrant: bool = False) -> None:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
 
 
+def peft_lora(model, r: int, targets, dropout: float, *, adapter_dtype: torch.dtype | None, alpha: int = 16):
+    """PEFT LoRA r on `targets` of a frozen model; returns (model, trainable parameters). adapter_dtype None: PEFT's
+    default (fp32 adapters on a bf16 base); else the adapter tensors are cast to it (bf16: the tuned recipe)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), bias="none",
+                        task_type="CAUSAL_LM")
+    model = get_peft_model(model, config, autocast_adapter_dtype=adapter_dtype is None)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if adapter_dtype is not None:
+        for p in params:
+            p.data = p.data.to(adapter_dtype)
+    return model, params
+
+
 def loss_fn(model, ids: torch.Tensor) -> torch.Tensor:
     """Mean shifted token cross-entropy in fp32 (the trainer's loss_sum, averaged)."""
     logits = model(input_ids=ids, use_cache=False).logits

@@ -27,6 +27,7 @@ from tools.bench.models import (
     log,
     loss_fn,
     param_count,
+    peft_lora,
 )
 from tools.bench.trainer_rows import TRAINER_VARIANTS, run_in_child
 
@@ -57,20 +58,13 @@ def _optimizer_step(params):
 
 
 def _peft(model, r: int, targets, dropout: float, *, standard: bool):
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import prepare_model_for_kbit_training
 
     if standard:
         model = prepare_model_for_kbit_training(model)  # its own checkpointing (defaults)
     else:
         enable_checkpointing(model, reentrant=False)
-    config = LoraConfig(r=r, lora_alpha=16, lora_dropout=dropout, target_modules=list(targets), bias="none",
-                        task_type="CAUSAL_LM")
-    model = get_peft_model(model, config, autocast_adapter_dtype=standard)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not standard:
-        for p in params:
-            p.data = p.data.to(torch.bfloat16)
-    return model, params
+    return peft_lora(model, r, targets, dropout, adapter_dtype=None if standard else torch.bfloat16)
 
 
 def make_variant(name: str, shape_name: str, shape: dict, device: torch.device, ids: torch.Tensor) -> Run:

@@ -37,7 +37,7 @@ AUTO_MARGIN_BYTES = 2 * GiB
 less 10% of it and 2 GB more. The estimate counts what autograd saves and one layer's recomputation; the margin is
 for what it does not count: the backward's own transients (the gradient flowing through a layer; without Liger the
 gradient of the fp32 logits, micro x seq x vocab x 4 bytes, 1 GB at 4 x 2048 x 32k), ZeRO's gradient buckets and
-gathered layers, and the allocator's fragmentation."""
+gathered layers, and the allocator's fragmentation. A judgement, not yet checked against a GPU run's peak."""
 
 
 def gb(n_bytes: float) -> str:

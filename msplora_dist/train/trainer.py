@@ -3,7 +3,8 @@
 Lifecycle (each a method; `fit` runs them in order):
 
     trainer = Trainer(cfg)   # preflight: every check a user can fail, the data tokenized; no run output yet
-    trainer.setup()          # process group, backbone + MSPLoRA, deepspeed.initialize, resume, step-0 eval
+    trainer.setup()          # process group, backbone + MSPLoRA, deepspeed.initialize, the memory budget's probe
+                             # (--activation_memory_gb), resume, step-0 eval
     trainer.train()          # step() until the planned number of steps; evaluate() and save() on schedule
     summary = trainer.finish()   # replicas compared, final adapter, analysis report, summary.json
     trainer.close()          # the scalar trackers (TensorBoard, wandb, mlflow; also after an error)

@@ -152,7 +152,13 @@ class TrainConfig:
     load_in_4bit: bool = grouped("model", False)
     """Quantize the frozen backbone to 4-bit NF4 (double quantization) with bitsandbytes, QLoRA-style."""
     gradient_checkpointing: bool = grouped("model", False)
-    """Recompute decoder-layer activations in backward (non-reentrant) to save memory."""
+    """Recompute decoder-layer activations in backward (non-reentrant) to save memory: every layer, or none."""
+    activation_memory_gb: str | None = grouped("model", None)
+    """Activation memory to spend, in GB (2**30 bytes), or auto (the GPU's free memory once the model and optimizer are
+    in place, less a tenth of it and 2 GB): the trainer measures one decoder layer's saved activations at micro_batch_size x
+    max_seq_len and checkpoints the fewest layers (the first ones) whose estimate fits; a budget that even every layer
+    checkpointed exceeds is an error. A budget governs checkpointing: gradient_checkpointing is not read. Unset:
+    gradient_checkpointing decides."""
     attn_implementation: str | None = grouped("model", None)
     """Passed to from_pretrained (sdpa, flash_attention_2, eager); unset lets transformers choose."""
     liger: str = grouped("model", "auto")
@@ -266,6 +272,8 @@ class TrainConfig:
             raise ConfigError(f"liger={self.liger!r}: expected one of auto, true, false")
         if self.dtype not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"dtype={self.dtype!r}: expected one of auto, bf16, fp32")
+        if self.activation_memory_gb is not None:
+            self.activation_memory_gb = _check_activation_memory(self.activation_memory_gb)
         if self.max_seq_len < 8:
             raise ConfigError(f"max_seq_len={self.max_seq_len}: expected at least 8 tokens")
         if not self.data:
@@ -299,6 +307,20 @@ class TrainConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def _check_activation_memory(value) -> str:
+    """--activation_memory_gb as text: auto, or a positive finite number of GB."""
+    text = str(value).strip()
+    if text == "auto":
+        return text
+    try:
+        amount = float(text)
+    except ValueError:
+        amount = math.nan
+    if isinstance(value, bool) or not (amount > 0 and math.isfinite(amount)):
+        raise ConfigError(f"activation_memory_gb={value!r}: expected a positive number of GB, or auto")
+    return text
 
 
 def _check_report_to(value) -> tuple[str, ...]:

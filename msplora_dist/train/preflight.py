@@ -173,6 +173,9 @@ def preflight(cfg: TrainConfig, world: int, on_gpu: bool) -> Plan:
         raise ConfigError(f"attn_implementation={cfg.attn_implementation!r} needs the {needed} package, which is not installed; "
                           "expected sdpa or eager, or install it")
     liger = resolve_liger(cfg.liger, hf_config.get("model_type", ""), on_gpu)
+    if cfg.activation_memory_gb == "auto" and not on_gpu:
+        raise ConfigError("activation_memory_gb='auto' reads a GPU's free memory and this run has no GPU; expected a number "
+                          "of GB (the activations live in host memory on a CPU)")
     global_batch = cfg.micro_batch_size * cfg.grad_accum * world
 
     def ds_config(load_universal: bool = False) -> dict:

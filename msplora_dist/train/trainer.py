@@ -3,7 +3,8 @@
 Lifecycle (each a method; `fit` runs them in order):
 
     trainer = Trainer(cfg)   # preflight: every check a user can fail, the data tokenized; no run output yet
-    trainer.setup()          # process group, backbone + MSPLoRA, deepspeed.initialize, resume, step-0 eval
+    trainer.setup()          # process group, backbone + MSPLoRA, deepspeed.initialize, the memory budget's probe
+                             # (--activation_memory_gb), resume, step-0 eval
     trainer.train()          # step() until the planned number of steps; evaluate() and save() on schedule
     summary = trainer.finish()   # replicas compared, final adapter, analysis report, summary.json
     trainer.close()          # the scalar trackers (TensorBoard, wandb, mlflow; also after an error)
@@ -42,6 +43,7 @@ from msplora_dist.train.backbone import load_backbone, set_eval_mode
 from msplora_dist.train.config import TrainConfig, save_config_yaml
 from msplora_dist.train.data import IGNORE_INDEX, collate, eval_batches
 from msplora_dist.train.kernels import apply_liger
+from msplora_dist.train.memory import checkpointed_layers, fit_activation_budget
 from msplora_dist.train.preflight import Plan, preflight
 from msplora_dist.train.schedule import lr_lambda
 from msplora_dist.train.state import checkpoint_root, load_checkpoint, save_checkpoint
@@ -127,6 +129,7 @@ class Trainer:
         self.nonfinite_in_a_row = 0
         self.startup_s = 0.0
         self.speed_features: list[str] = []
+        self.memory_plan = None  # --activation_memory_gb: memory.MemoryPlan
         self._nan_steps = injected_nan_steps()
         # Every step needs the loss-token count of its whole global batch: read the column once, not a row per step.
         self._loss_tokens = list(self.plan.train_ds["num_loss_tokens"])
@@ -148,6 +151,8 @@ class Trainer:
             for earlier_file in ("summary.json", "mlflow.db"):
                 (self.output_dir / earlier_file).unlink(missing_ok=True)
         self.engine, self.scheduler = self._build_engine()
+        if cfg.activation_memory_gb is not None:
+            self._fit_activation_budget()
         if self.rank == 0:
             save_config_yaml(cfg, self.output_dir / "train_config.yaml")
             write_file_atomically(self.output_dir / "ds_config.json", json.dumps(plan.ds_config, indent=2))
@@ -181,7 +186,8 @@ class Trainer:
             apply_liger(plan.model_type)  # patches the model classes: before the model is built
         model = load_backbone(plan.model_dir, dtype=plan.dtype, load_in_4bit=cfg.load_in_4bit,
                               ds_config=backbone_init_config(plan.ds_config, plan.dtype),
-                              gradient_checkpointing=cfg.gradient_checkpointing, attn_implementation=cfg.attn_implementation)
+                              gradient_checkpointing=cfg.gradient_checkpointing or cfg.activation_memory_gb is not None,
+                              attn_implementation=cfg.attn_implementation)
         torch.manual_seed(cfg.seed)  # the same adapter init on every rank
         model = apply_msplora(model, plan.adapter_config)
         speed = ["Liger kernels"] if plan.liger else []
@@ -204,6 +210,18 @@ class Trainer:
         zero.check_adapters_replicated(engine.module, plan.ds_config)
         check_adapters_fp32(engine.module)
         return engine, scheduler
+
+    def _fit_activation_budget(self) -> None:
+        """--activation_memory_gb: probe the engine's model through this run's loss, then checkpoint only the layers the
+        budget needs (train/memory.py). After deepspeed.initialize: `auto` reads the memory the model and optimizer
+        left, and the probe runs as training does (device, kernels, ZeRO's hooks)."""
+        cfg = self.cfg
+        plan = self.memory_plan = fit_activation_budget(
+            self.engine.module, self.loss_sum, setting=cfg.activation_memory_gb, micro_batch_size=cfg.micro_batch_size,
+            max_seq_len=cfg.max_seq_len, packing=cfg.packing, device=self.device)
+        log(plan.describe())
+        self.speed_features.append(f"activation checkpointing: {plan.checkpointed_layers} of {plan.profile.n_layers} layers "
+                                   f"(--activation_memory_gb {cfg.activation_memory_gb})")
 
     def _resume(self) -> None:
         plan = self.plan
@@ -423,6 +441,8 @@ class Trainer:
                    "train_tokens": int(sum(h.get("tokens", 0) for h in history)),
                    "replicas_identical": replicas_identical, "zero_stage": plan.zero_stage, "dtype": plan.dtype,
                    "load_in_4bit": cfg.load_in_4bit, "speed_features": self.speed_features,
+                   "checkpointed_layers": checkpointed_layers(engine.module),
+                   "activation_memory": self.memory_plan.to_dict() if self.memory_plan else None,
                    "backbone_partition": zero.backbone_partition(engine.module, self.world, self.device),
                    "history": history}
         if self.rank == 0:

@@ -45,10 +45,25 @@ def test_launcher_local_rank_flag_is_accepted():
     (["--seed", "-1"], "seed=-1: expected an integer 0 <= seed < 2**32"),
     (["--seed", str(2**64)], f"seed={2**64}: expected"),
     (["--output_dir", ""], "output_dir='': expected a directory"),
+    (["--activation_memory_gb", "0"], "activation_memory_gb='0': expected a positive number of GB, or auto"),
+    (["--activation_memory_gb", "-8"], "activation_memory_gb='-8': expected a positive number"),
+    (["--activation_memory_gb", "lots"], "activation_memory_gb='lots': expected a positive number"),
+    (["--activation_memory_gb", "inf"], "activation_memory_gb='inf': expected a positive number"),
 ])
 def test_bad_values_name_the_field_and_value(argv, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         parse_config(argv)
+
+
+def test_activation_memory_takes_gigabytes_or_auto_from_flags_yaml_and_python(tmp_path):
+    assert parse_config([]).activation_memory_gb is None
+    assert parse_config(["--activation_memory_gb", "auto"]).activation_memory_gb == "auto"
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("activation_memory_gb: 24\n")
+    assert parse_config(["--config", str(yaml_file)]).activation_memory_gb == "24"
+    assert TrainConfig(activation_memory_gb=0.5).activation_memory_gb == "0.5"
+    with pytest.raises(ConfigError, match="activation_memory_gb=True: expected"):
+        TrainConfig(activation_memory_gb=True)
 
 
 def test_unknown_yaml_field_is_refused(tmp_path):

@@ -81,18 +81,31 @@ def test_overwrite_replaces_everything_an_earlier_run_wrote(reference, tmp_path)
     assert summary(out)["steps"] == 1 and [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000001"]
 
 
+# A budget between the estimates with 1 and 3 of the 4 layers checkpointed at micro-batch 2 x 128 tokens (5.2 and 2.5 MB:
+# memory.ActivationProfile.peak; 0.0044 GB is 4.5 MB): 2 layers are checkpointed.
+PARTIAL_BUDGET = ["--activation_memory_gb", "0.0044"]
+
+
 @pytest.mark.parametrize("leaf_layers", ["true", "false"])
 def test_zero3_two_ranks_with_checkpointing_match_one_rank_and_partition_the_backbone(reference, tmp_path, leaf_layers):
     # Non-reentrant activation checkpointing on top: the shared adapters' gradients must still be the
     # sum over layers (reentrant checkpointing would fire their hooks once per segment). With leaf layers
     # (the default) each decoder layer is fetched whole in one all-gather: the same training to float rounding.
+    # With leaf layers, a memory budget checkpoints only some of the layers (after a probe forward through ZeRO-3's
+    # hooks, without backward): the same training too.
+    budget = PARTIAL_BUDGET if leaf_layers == "true" else []
     run_train(tmp_path, "--ds_config", ZERO3, "--micro_batch_size", "2", "--grad_accum", "2", "--gradient_checkpointing", "true",
-              "--zero3_leaf_layers", leaf_layers, *COMMON, nproc=2)
+              "--zero3_leaf_layers", leaf_layers, *COMMON, *budget, nproc=2)
     assert_same_training(tmp_path, reference)
     s = summary(tmp_path)
     assert s["zero_stage"] == 3 and s["replicas_identical"] is True
     assert ("ZeRO-3 leaf modules (LlamaDecoderLayer)" in s["speed_features"]) == (leaf_layers == "true")
     assert_backbone_halved(s["backbone_partition"], max_persistent=0.01)
+    if budget:
+        assert 0 < s["checkpointed_layers"] < 4 and s["activation_memory"]["checkpointed_layers"] == s["checkpointed_layers"]
+        assert s["activation_memory"]["estimate_gb"] <= float(budget[1])
+    else:
+        assert s["checkpointed_layers"] == 4 and s["activation_memory"] is None
 
 
 def test_zero2_two_ranks_match_one_rank_and_leave_no_shared_memory_behind(reference, tmp_path):

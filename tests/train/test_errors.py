@@ -67,6 +67,11 @@ def test_model_directory_missing_its_weights(capsys, tmp_path):
     assert_refused(*run_main(capsys, tmp_path, "--model", str(model)), "has no weights")
 
 
+def test_auto_activation_memory_without_a_gpu(capsys, tmp_path):
+    assert_refused(*run_main(capsys, tmp_path, "--activation_memory_gb", "auto"), "activation_memory_gb='auto'", "no GPU",
+                   "a number of GB")
+
+
 def test_contradicting_batch_sizes(capsys, tmp_path):
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({"train_batch_size": 64, "zero_optimization": {"stage": 2}}))

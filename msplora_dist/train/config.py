@@ -158,6 +158,12 @@ class TrainConfig:
     liger: str = grouped("model", "auto")
     """Liger Kernel's fused RMSNorm, RoPE, SwiGLU and linear cross-entropy: auto = on a CUDA GPU when liger-kernel
     is installed and supports the model family; true = required; false = off."""
+    compile_layers: str = grouped("model", "false")
+    """Run each decoder layer's forward through torch.compile (inductor), one graph shared by every layer, inside the
+    gradient checkpoint so the recomputation runs it too (train/kernels.py). auto = on a CUDA GPU; true = on (ZeRO-3
+    needs --zero3_leaf_layers true); false = off, the default until the GPU measurement shows it pays. With Liger on,
+    Liger keeps only its fused linear cross-entropy (its Triton kernels do not trace; inductor fuses RMSNorm, RoPE
+    and SwiGLU itself). The first step pays the compile, and the first batch of a new length one recompile."""
     zero3_leaf_layers: bool = grouped("model", True)
     """ZeRO-3: fetch each decoder layer's weights in one all-gather (a DeepSpeed leaf module) instead of one per
     projection; exact, and about 1.7x faster on one GPU at the 7B shape."""
@@ -264,6 +270,8 @@ class TrainConfig:
                               f"{', '.join(a for a in ATTN_IMPLEMENTATIONS if a)} (or unset for transformers' default)")
         if self.liger not in ("auto", "true", "false"):
             raise ConfigError(f"liger={self.liger!r}: expected one of auto, true, false")
+        if self.compile_layers not in ("auto", "true", "false"):
+            raise ConfigError(f"compile_layers={self.compile_layers!r}: expected one of auto, true, false")
         if self.dtype not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"dtype={self.dtype!r}: expected one of auto, bf16, fp32")
         if self.max_seq_len < 8:

@@ -87,8 +87,8 @@ def apply_liger(model_type: str, *, layers_compiled: bool = False) -> None:
     patched; it runs in the model's head, outside the compiled layers. Inside them inductor fuses RMSNorm, RoPE and
     SiLU-times-up itself, and Liger's Triton autograd functions do not trace: its SwiGLU stopped dynamo with an
     assertion in LigerSiLUMulFunction (on the H200, torch 2.11), transformers' kernels integration found its RMSNorm
-    wrong under compile and keeps its fused loss behind a graph break (transformers PR 46039), and compiled, its SwiGLU ran 3x slower than
-    inductor's SiLU-times-up (Liger issue 1330)."""
+    wrong under compile and keeps its fused loss behind a graph break (transformers PR 46039), and compiled, its
+    SwiGLU ran 3x slower than inductor's SiLU-times-up (Liger issue 1330)."""
     module = importlib.import_module("liger_kernel.transformers")
     patch = getattr(module, LIGER_PATCHES[model_type])
     fused = not layers_compiled

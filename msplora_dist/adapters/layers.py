@@ -117,14 +117,20 @@ class MSPLoRALinear(nn.Module):
 
     def _scale_row(self, device: torch.device, pads: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """(1, r) row of each rank column's scale (0 for padding) in `dtype` (float32, or float64 for
-        delta_weight in float64), cached per device, ranks, pads and dtype."""
+        delta_weight in float64), cached per device, ranks, pads and dtype. Under torch.compile it is a constant of
+        the graph instead: a cache written inside a compiled region would be guarded on, and recompile."""
+        if torch.compiler.is_compiling():
+            return self._new_scale_row(device, pads, dtype)
         cache = self.__dict__.setdefault("_scale_rows", {})
         key = (device, tuple(p.rank for p in self._pairs), pads, dtype)
         row = cache.get(key)
         if row is None:
-            values = [v for p, s, pad in zip(self._pairs, self.scales, pads, strict=True) for v in [s] * p.rank + [0.0] * pad]
-            row = cache[key] = torch.tensor(values, dtype=dtype, device=device).unsqueeze(0)
+            row = cache[key] = self._new_scale_row(device, pads, dtype)
         return row
+
+    def _new_scale_row(self, device: torch.device, pads: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        values = [v for p, s, pad in zip(self._pairs, self.scales, pads, strict=True) for v in [s] * p.rank + [0.0] * pad]
+        return torch.tensor(values, dtype=dtype, device=device).unsqueeze(0)
 
     def _hidden(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
         """(..., r) = [A_G d_G(x), A_M d_M(x), A_L d_L(x)] (one GEMM when no dropout applies), and the zero
@@ -204,7 +210,10 @@ _ZEROS: dict[tuple, torch.Tensor] = {}
 
 
 def _zeros(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
-    """A cached, never-written (rows, cols) zero block with like's dtype and device (padding for torch.cat)."""
+    """A cached, never-written (rows, cols) zero block with like's dtype and device (padding for torch.cat); under
+    torch.compile a constant of the graph (see MSPLoRALinear._scale_row)."""
+    if torch.compiler.is_compiling():
+        return torch.zeros(rows, cols, dtype=like.dtype, device=like.device)
     key = (rows, cols, like.dtype, like.device)
     block = _ZEROS.get(key)
     if block is None:

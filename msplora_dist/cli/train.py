@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed
 
     from msplora_dist.dist.process import shutdown_distributed
-    from msplora_dist.train.config import parse_config
+    from msplora_dist.train.flags import parse_config
     from msplora_dist.train.trainer import Trainer
 
     # Every rank reports: an error on one rank alone (a node-local path) must not go unsaid.

@@ -6,10 +6,7 @@ msplora_dist/assets), then an optional YAML file (--config), then command-line f
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import difflib
-import itertools
 import math
 import typing
 from dataclasses import dataclass, field
@@ -164,6 +161,12 @@ class TrainConfig:
     liger: str = grouped("model", "auto")
     """Liger Kernel's fused RMSNorm, RoPE, SwiGLU and linear cross-entropy: auto = on a CUDA GPU when liger-kernel
     is installed and supports the model family; true = required; false = off."""
+    compile_layers: str = grouped("model", "false")
+    """Run each decoder layer's forward through torch.compile (inductor), one graph shared by every layer, inside the
+    gradient checkpoint so the recomputation runs it too (train/kernels.py). auto = on a CUDA GPU; true = on (ZeRO-3
+    needs --zero3_leaf_layers true); false = off, the default until the GPU measurement shows it pays. With Liger on,
+    Liger keeps only its fused linear cross-entropy (its Triton kernels do not trace; inductor fuses RMSNorm, RoPE
+    and SwiGLU itself). The first step pays the compile, and the first batch of a new length one recompile."""
     zero3_leaf_layers: bool = grouped("model", True)
     """ZeRO-3: fetch each decoder layer's weights in one all-gather (a DeepSpeed leaf module) instead of one per
     projection; exact, and about 1.7x faster on one GPU at the 7B shape."""
@@ -235,7 +238,7 @@ class TrainConfig:
         for name in ("data", "eval_data"):
             value = getattr(self, name)
             if not (isinstance(value, tuple) and all(isinstance(s, DataSource) for s in value)):
-                setattr(self, name, _convert(name, value, tuple[DataSource, ...]) if value is not None else ())
+                setattr(self, name, convert_field(name, value, tuple[DataSource, ...]) if value is not None else ())
         for name in ("micro_batch_size", "grad_accum", "keep_last", "log_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)}: expected an integer >= 1")
@@ -270,6 +273,8 @@ class TrainConfig:
                               f"{', '.join(a for a in ATTN_IMPLEMENTATIONS if a)} (or unset for transformers' default)")
         if self.liger not in ("auto", "true", "false"):
             raise ConfigError(f"liger={self.liger!r}: expected one of auto, true, false")
+        if self.compile_layers not in ("auto", "true", "false"):
+            raise ConfigError(f"compile_layers={self.compile_layers!r}: expected one of auto, true, false")
         if self.dtype not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"dtype={self.dtype!r}: expected one of auto, bf16, fp32")
         if self.activation_memory_gb is not None:
@@ -342,20 +347,7 @@ def _check_report_to(value) -> tuple[str, ...]:
 
 # --- command line and YAML ----------------------------------------------------------------------------
 
-def _field_docs() -> dict[str, str]:
-    """The docstring under each field, for --help (parsed from the source: one place to document)."""
-    import ast
-    import inspect
-
-    tree = ast.parse(inspect.getsource(TrainConfig))
-    docs, body = {}, tree.body[0].body
-    for node, nxt in itertools.pairwise(body):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            docs[node.target.id] = " ".join(str(nxt.value.value).split())
-    return docs
-
-
-def _convert(name: str, value, hint):
+def convert_field(name: str, value, hint):
     """Turn a YAML or command-line value into the field's type, with an error naming the field."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if value is None:
@@ -364,7 +356,7 @@ def _convert(name: str, value, hint):
         inner = [a for a in args if a is not type(None)]
         if isinstance(value, str) and value.lower() in ("none", "null", ""):
             return None
-        return _convert(name, value, inner[0])
+        return convert_field(name, value, inner[0])
     if origin is tuple:
         if isinstance(value, str) and value.strip().lower() in ("", "none", "null"):
             return ()
@@ -374,7 +366,7 @@ def _convert(name: str, value, hint):
         elem = args[0]
         if args[-1] is not Ellipsis and len(items) == 1:
             items = items * len(args)  # one value for every level
-        return tuple(_convert(name, i, elem) for i in items)
+        return tuple(convert_field(name, i, elem) for i in items)
     if dataclasses.is_dataclass(hint):
         return hint.parse(name, value)
     try:
@@ -395,101 +387,6 @@ def _convert(name: str, value, hint):
         return str(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{name}={value!r}: expected {getattr(hint, '__name__', hint)}") from None
-
-
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Help lines wrapped between words only (a long default path stays whole), the description as written."""
-
-    def _split_lines(self, text: str, width: int) -> list[str]:
-        import textwrap
-
-        return textwrap.wrap(" ".join(text.split()), width, break_long_words=False, break_on_hyphens=False)
-
-
-def _shown_default(value) -> str:
-    if isinstance(value, tuple):
-        return ",".join(map(str, value)) or "none"
-    if isinstance(value, bool):
-        return str(value).lower()
-    if value is None:
-        return "unset"
-    if isinstance(value, str) and Path(value).is_absolute() and Path(value).is_relative_to(REPO_ROOT):
-        return str(Path(value).relative_to(REPO_ROOT))  # the shipped assets and configs, as the README names them
-    return str(value)
-
-
-def _metavar(name: str, hint) -> str:
-    if hint is bool:
-        return "{true,false}"
-    if typing.get_origin(hint) is tuple:
-        return "A,B,C" if typing.get_args(hint)[-1] is not Ellipsis else "X,Y,..."
-    return name.upper()
-
-
-def close_match(name: str, known) -> str:
-    """ "; did you mean X?" for the closest of `known` to a misspelt `name`, else "" (difflib's similarity)."""
-    match = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
-    return f"; did you mean {match[0]}?" if match else ""
-
-
-class FlagParser(argparse.ArgumentParser):
-    """argparse whose errors are one-line ConfigErrors (the entry point prints them and exits 2) instead of the whole
-    usage block, with the closest flag for a misspelt one: `--lrr 1e-3` says "did you mean --lr?"."""
-
-    def error(self, message: str):
-        if message.startswith("unrecognized arguments: "):
-            flags = self._option_string_actions
-            unknown = [a.split("=", 1)[0] for a in message.removeprefix("unrecognized arguments: ").split() if a.startswith("-")]
-            if unknown:
-                raise ConfigError(f"unknown flag {unknown[0]}{close_match(unknown[0], flags) or ' (see --help)'}")
-        raise ConfigError(f"{message} (see --help)")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = FlagParser(
-        prog="deepspeed launch/train.py",
-        description="Fine-tune a LLaMA-family model with MSPLoRA on DeepSpeed. Launch it with DeepSpeed's launcher:\n\n"
-        "  deepspeed launch/train.py --ds_config ds_configs/zero3.json             # the embedded default, CPU or 1 GPU\n"
-        "  deepspeed --num_gpus 8 launch/train.py --ds_config ds_configs/zero3.json --model DIR --data FILE\n\n"
-        "With no flags it trains the embedded tiny model on the shipped data. Every flag takes a value (booleans:\n"
-        "true or false) and can also come from --config run.yaml; flags override the file.",
-        formatter_class=_HelpFormatter,
-    )
-    docs, hints = _field_docs(), typing.get_type_hints(TrainConfig)
-    sections = {key: parser.add_argument_group(title) for key, title in HELP_GROUPS.items()}
-    for f in dataclasses.fields(TrainConfig):
-        default = f.default if f.default is not dataclasses.MISSING else None
-        section = sections.get(f.metadata.get("group"), parser)  # a field without a group lands in "options"
-        section.add_argument(f"--{f.name}", default=argparse.SUPPRESS, metavar=_metavar(f.name, hints[f.name]),
-                             help=f"{docs.get(f.name, '')} (default: {_shown_default(default)})")
-    # DeepSpeed's launcher appends --local_rank; the rank is read from the environment instead.
-    parser.add_argument("--local_rank", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    return parser
-
-
-def parse_config(argv: list[str] | None = None) -> TrainConfig:
-    args = vars(build_parser().parse_args(argv))
-    args.pop("local_rank", None)
-    hints = typing.get_type_hints(TrainConfig)
-    values: dict = {}
-    if args.get("config"):
-        path = Path(args["config"])
-        if not path.is_file():
-            raise ConfigError(f"--config {str(path)!r}: no such file; expected a YAML file of TrainConfig fields")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"--config {str(path)!r} is not valid YAML ({err})") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"--config {str(path)!r}: expected a mapping of field: value, got {type(loaded).__name__}")
-        unknown = sorted(set(loaded) - set(hints) - {"config"})
-        if unknown:
-            raise ConfigError(f"--config {str(path)!r}: unknown fields {unknown}; expected fields of TrainConfig (see --help)"
-                              f"{close_match(unknown[0], hints)}")
-        values.update(loaded)
-    values.update(args)
-    converted = {k: _convert(k, v, hints[k]) for k, v in values.items()}
-    return TrainConfig(**converted)
 
 
 def save_config_yaml(cfg: TrainConfig, path: Path) -> None:

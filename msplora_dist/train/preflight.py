@@ -30,7 +30,7 @@ from msplora_dist.train.cache import default_cache_dir, tokenize_cached
 from msplora_dist.train.config import ATTN_IMPLEMENTATIONS, TrainConfig
 from msplora_dist.train.data import GlobalBatchSampler, keep_trainable, pack_examples
 from msplora_dist.train.hub import resolve_model
-from msplora_dist.train.kernels import resolve_liger
+from msplora_dist.train.kernels import resolve_compile, resolve_liger
 from msplora_dist.train.prompts import ensure_chat_template, read_chat_template
 from msplora_dist.train.sources import hold_out, load_sources, mix, mix_summary
 from msplora_dist.train.state import check_resume_compatible, check_resume_data, checkpoint_root, find_resume_dir
@@ -55,6 +55,7 @@ class Plan:
     """cfg.model as a local path: itself, or its snapshot in the Hugging Face cache for a Hub name."""
     model_type: str = "llama"
     liger: bool = False
+    compile_layers: bool = False
 
     @property
     def zero_stage(self) -> int:
@@ -200,4 +201,5 @@ def preflight(cfg: TrainConfig, world: int, on_gpu: bool) -> Plan:
         check_resume_data(resume_dir, cfg.to_dict(), sampler.num_examples)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, int(cfg.epochs * sampler.steps_per_epoch))
     return Plan(dtype, resolved, adapter_cfg, tokenizer, train_ds, eval_ds, sampler, total_steps, resume_dir, world, model_dir,
-                hf_config.get("model_type", "llama"), liger)
+                hf_config.get("model_type", "llama"), liger,
+                resolve_compile(cfg.compile_layers, on_gpu, zero_stage(resolved), cfg.zero3_leaf_layers))

@@ -42,7 +42,7 @@ from msplora_dist.errors import ConfigError, RunStopped, WriteFailed
 from msplora_dist.train.backbone import load_backbone, set_eval_mode
 from msplora_dist.train.config import TrainConfig, save_config_yaml
 from msplora_dist.train.data import IGNORE_INDEX, collate, eval_batches
-from msplora_dist.train.kernels import apply_liger
+from msplora_dist.train.kernels import apply_liger, compile_decoder_layers, liger_feature
 from msplora_dist.train.memory import checkpointed_layers, fit_activation_budget
 from msplora_dist.train.preflight import Plan, preflight
 from msplora_dist.train.schedule import lr_lambda
@@ -182,21 +182,23 @@ class Trainer:
         import deepspeed
 
         cfg, plan = self.cfg, self.plan
-        if plan.liger:
-            apply_liger(plan.model_type)  # patches the model classes: before the model is built
+        if plan.liger:  # patches the model classes: before the model is built
+            apply_liger(plan.model_type, layers_compiled=plan.compile_layers)
         model = load_backbone(plan.model_dir, dtype=plan.dtype, load_in_4bit=cfg.load_in_4bit,
                               ds_config=backbone_init_config(plan.ds_config, plan.dtype),
                               gradient_checkpointing=cfg.gradient_checkpointing or cfg.activation_memory_gb is not None,
                               attn_implementation=cfg.attn_implementation)
         torch.manual_seed(cfg.seed)  # the same adapter init on every rank
         model = apply_msplora(model, plan.adapter_config)
-        speed = ["Liger kernels"] if plan.liger else []
+        speed = [liger_feature(plan.compile_layers)] if plan.liger else []
         if plan.zero_stage == 3:
             zero.register_adapters_with_zero3(model)
             if cfg.zero3_leaf_layers:
                 speed.append(f"ZeRO-3 leaf modules ({zero.set_z3_leaf_layers(model).__name__})")
             if plan.liger:
                 zero.register_lm_head_with_zero3(model)
+        if plan.compile_layers:  # after set_z3_leaf_layers, which names the layer class
+            speed.append(f"compiled decoder layers ({compile_decoder_layers(model)})")
         log(str(param_report(model)))
         if speed:
             log(f"speed: {', '.join(speed)}")

@@ -21,7 +21,8 @@ from experiments.quality import arms as armlib
 from experiments.quality import bundle, grid, make_task, prepare, qlib, report, tables, worker
 from msplora_dist import MSPLoRAConfig, count_params
 from msplora_dist.train.backbone import projection_features
-from msplora_dist.train.config import TrainConfig, parse_config
+from msplora_dist.train.config import TrainConfig
+from msplora_dist.train.flags import parse_config
 from msplora_dist.utils.fileio import sha256_file
 
 REPO = Path(__file__).resolve().parents[2]

@@ -7,7 +7,8 @@ import re
 import pytest
 
 from msplora_dist.errors import ConfigError
-from msplora_dist.train.config import TrainConfig, build_parser, parse_config
+from msplora_dist.train.config import TrainConfig
+from msplora_dist.train.flags import build_parser, parse_config
 
 
 def test_flags_override_yaml_which_overrides_defaults(tmp_path):

@@ -12,7 +12,8 @@ import pytest
 from msplora_dist.adapters.inject import count_params
 from msplora_dist.dist.ds_config import read_ds_config, resolve_ds_config
 from msplora_dist.train.backbone import projection_features
-from msplora_dist.train.config import DataSource, parse_config
+from msplora_dist.train.config import DataSource
+from msplora_dist.train.flags import parse_config
 from msplora_dist.train.prompts import read_chat_template
 from tests.launch_utils import REPO
 

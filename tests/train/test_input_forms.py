@@ -11,7 +11,8 @@ import shutil
 import pytest
 
 from msplora_dist.errors import ConfigError
-from msplora_dist.train.config import ASSETS, parse_config
+from msplora_dist.train.config import ASSETS
+from msplora_dist.train.flags import parse_config
 from msplora_dist.train.trainer import Trainer
 
 DATA = ASSETS / "data"

@@ -12,8 +12,9 @@ import pytest
 from transformers import AutoTokenizer
 
 from msplora_dist.errors import ConfigError, DataError
-from msplora_dist.train.config import ASSETS, DataSource, TrainConfig, parse_config
+from msplora_dist.train.config import ASSETS, DataSource, TrainConfig
 from msplora_dist.train.data import IGNORE_INDEX, tokenize_row
+from msplora_dist.train.flags import parse_config
 from msplora_dist.train.preflight import prepare_data
 from msplora_dist.train.prompts import BUILTIN_CHAT_TEMPLATES, CHATML_TEMPLATE
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from msplora_dist.errors import ConfigError
-from msplora_dist.train.config import parse_config
+from msplora_dist.train.flags import parse_config
 from msplora_dist.train.tracking import Tracker
 from tests.launch_utils import run_train
 

@@ -91,7 +91,7 @@ def write_inputs(s: Settings, path: Path) -> dict:
 
     from experiments.quality.arms import trainable_params
     from msplora_dist.train.backbone import check_model_dir, projection_features
-    from msplora_dist.train.config import parse_config
+    from msplora_dist.train.flags import parse_config
     from msplora_dist.train.preflight import preflight
 
     cfg = parse_config([*trainer_flags(s, "zero2", s.workdir / "inputs"), "--liger", "false"])  # no row flag moves data

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from tools.bench.trainer_rows import DIST_ENV
+
 LORA_R = 16
 OFFLINE = dict(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 
@@ -156,7 +158,8 @@ def run_anchor(name: str, inputs: Path, workdir: Path, on_gpu: bool) -> dict:
     cwd = workdir / name
     cwd.mkdir(parents=True, exist_ok=True)
     repo = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, **OFFLINE, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}  # a world of its own
+    env.update(OFFLINE, PYTHONPATH=os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])))
     t0 = time.time()
     proc = subprocess.run([sys.executable, "-m", "tools.trainer_speed.anchors", name, str(inputs.resolve())], cwd=cwd,
                           env=env, capture_output=True, text=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 
 from msplora_dist.errors import ConfigError
 from tools.bench.models import ALL_TARGETS
+from tools.bench.trainer_rows import DIST_ENV
 from tools.trainer_speed.anchors import failed, step_summary
 
 REPO = Path(__file__).resolve().parents[2]
@@ -120,7 +122,9 @@ def trainer_row(name: str, s: Settings, on_gpu: bool, trainable: int) -> dict:
     cmd = [sys.executable, str(REPO / "launch" / "train.py"), *trainer_flags(s, row.ds_config, out_dir),
            "--liger", "true" if row.liger else "false", *row.flags]
     t0 = time.time()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    # A world of one of its own: not the launcher variables of a parent that holds a process group (or its port)
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         return failed(name, proc)
     summary = json.loads((out_dir / "summary.json").read_text())

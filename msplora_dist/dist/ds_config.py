@@ -154,11 +154,13 @@ def single_rank_zero3_note(ds: dict) -> str:
     if _offloads_parameters(zero):
         return ("note: ZeRO-3 on one rank partitions nothing; it runs here for its parameter offload "
                 f"({zero['offload_param']['device']}), which copies every layer onto the GPU before its use")
-    applied = [f"{key}={zero[key]}" for key, value in SINGLE_RANK_ZERO3.items() if zero.get(key) == value]
-    done = (f"{', '.join(applied)}: a layer's weights are fetched once per step and F.linear stays PyTorch's"
-            if applied else "the config's own stage3_max_reuse_distance and memory_efficient_linear kept")
-    return ("note: ZeRO-3 on one rank partitions nothing (a gather is a view of the one whole shard), so " + done
-            + "; its module hooks still cost host time: ds_configs/zero2.json is faster when the model fits (docs/benchmarks.md)")
+    said = {"memory_efficient_linear": "F.linear stays PyTorch's (memory_efficient_linear off)",
+            "stage3_max_reuse_distance": "a layer stays fetched until its last use in the step (stage3_max_reuse_distance unbounded)"}
+    applied = [said[key] for key, value in SINGLE_RANK_ZERO3.items() if zero.get(key) == value]
+    kept = [key for key, value in SINGLE_RANK_ZERO3.items() if zero.get(key) != value]
+    done = "; ".join(applied + ([f"the config's own {' and '.join(kept)} kept"] if kept else []))
+    return (f"note: ZeRO-3 on one rank partitions nothing (a gather is a view of the one whole shard), so: {done}; its "
+            "module hooks still cost host time: ds_configs/zero2.json is faster when the model fits (docs/benchmarks.md)")
 
 
 def _check_offload_paths(zero: dict) -> None:

@@ -133,9 +133,10 @@ def test_zero3_on_one_rank_skips_the_host_work_that_partitions_nothing_there():
 
 
 def test_the_one_rank_note_says_what_the_resolved_config_does():
-    assert "memory_efficient_linear=False" in single_rank_zero3_note({"zero_optimization": zero3(1)})
-    kept = single_rank_zero3_note({"zero_optimization": zero3(1, memory_efficient_linear=True, stage3_max_reuse_distance=7)})
-    assert "config's own" in kept and "=False" not in kept
+    ours = single_rank_zero3_note({"zero_optimization": zero3(1)})
+    assert "memory_efficient_linear off" in ours and "unbounded" in ours and "config's own" not in ours
+    kept = single_rank_zero3_note({"zero_optimization": zero3(1, memory_efficient_linear=True)})
+    assert "config's own memory_efficient_linear kept" in kept and "unbounded" in kept and " off" not in kept
     assert "offload (cpu)" in single_rank_zero3_note({"zero_optimization": zero3(1, offload_param={"device": "cpu"})})
 
 

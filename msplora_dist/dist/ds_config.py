@@ -10,6 +10,9 @@ backbone is loaded in --dtype (bf16 on a GPU): `backbone_init_config` is the con
 Persistence: under ZeRO-3 the shared adapters must stay replicated on every rank (zero.persist_adapters marks
 exactly those tensors, one by one). stage3_param_persistence_threshold then concerns the backbone alone: "auto"
 is 0 (no backbone tensor replicated); an explicit value is DeepSpeed's own rule for the backbone.
+
+One rank: ZeRO-3 there partitions nothing, and two of its defaults only cost host time (SINGLE_RANK_ZERO3); where the
+config leaves them open they are set for that case. With several ranks, or parameters offloaded, DeepSpeed's own apply.
 """
 
 from __future__ import annotations
@@ -110,6 +113,8 @@ def resolve_ds_config(raw: dict, *, micro_batch_size: int, grad_accum: int, worl
         _check_offload_paths(zero)
         if zero.get("stage3_param_persistence_threshold", AUTO) == AUTO:
             zero["stage3_param_persistence_threshold"] = 0  # the adapters are made persistent one by one instead
+        if world_size == 1 and not _offloads_parameters(zero):
+            _fill_single_rank_zero3(zero)
         for key in ("stage3_prefetch_bucket_size", "reduce_bucket_size", "stage3_max_live_parameters", "stage3_max_reuse_distance"):
             if zero.get(key) == AUTO:
                 del zero[key]  # DeepSpeed's own defaults
@@ -119,6 +124,43 @@ def resolve_ds_config(raw: dict, *, micro_batch_size: int, grad_accum: int, worl
     if leftover:
         raise ConfigError(f"ds_config has \"auto\" at {leftover}, which the trainer does not fill; set a value there")
     return ds
+
+
+# ZeRO-3 on one rank, parameters on the GPU: each tensor's one shard is the whole tensor, and DeepSpeed "gathers" it as a
+# view of that shard (partition_parameters.py, _no_gather_coalesced) and "releases" it by dropping the view, so no
+# setting here changes memory or arithmetic; they only spare host work. memory_efficient_linear: DeepSpeed's default
+# replaces torch.nn.functional.linear, process-wide, with a Python autograd Function that re-gathers a released weight in
+# the backward (linear.py), there being none to re-gather; stage3_max_reuse_distance: a layer released after its forward
+# is fetched again for its recomputation and backward, for nothing.
+SINGLE_RANK_ZERO3 = {"memory_efficient_linear": False, "stage3_max_reuse_distance": 2**62}
+
+
+def _offloads_parameters(zero: dict) -> bool:
+    """ZeRO-3 keeps the parameters on the CPU or NVMe: a gather is then a real copy onto the GPU, and a release frees it."""
+    return (zero.get("offload_param") or {}).get("device", "none") not in ("none", None)
+
+
+def _fill_single_rank_zero3(zero: dict) -> None:
+    """The single-rank values of SINGLE_RANK_ZERO3 where the config leaves them to the trainer (absent or "auto");
+    an explicit value is the user's."""
+    for key, value in SINGLE_RANK_ZERO3.items():
+        if zero.get(key, AUTO) == AUTO:
+            zero[key] = value
+
+
+def single_rank_zero3_note(ds: dict) -> str:
+    """The log line for a ZeRO-3 run on one rank: what the resolved config does there, and why."""
+    zero = ds["zero_optimization"]
+    if _offloads_parameters(zero):
+        return ("note: ZeRO-3 on one rank partitions nothing; it runs here for its parameter offload "
+                f"({zero['offload_param']['device']}), which copies every layer onto the GPU before its use")
+    said = {"memory_efficient_linear": "F.linear stays PyTorch's (memory_efficient_linear off)",
+            "stage3_max_reuse_distance": "a layer stays fetched until its last use in the step (stage3_max_reuse_distance unbounded)"}
+    applied = [said[key] for key, value in SINGLE_RANK_ZERO3.items() if zero.get(key) == value]
+    kept = [key for key, value in SINGLE_RANK_ZERO3.items() if zero.get(key) != value]
+    done = "; ".join(applied + ([f"the config's own {' and '.join(kept)} kept"] if kept else []))
+    return (f"note: ZeRO-3 on one rank partitions nothing (a gather is a view of the one whole shard), so: {done}; its "
+            "module hooks still cost host time: ds_configs/zero2.json is faster when the model fits (docs/benchmarks.md)")
 
 
 def _check_offload_paths(zero: dict) -> None:

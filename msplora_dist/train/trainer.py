@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from msplora_dist.adapters.inject import adapter_params, apply_msplora, param_report
 from msplora_dist.adapters.io import save_adapter
 from msplora_dist.dist import zero
-from msplora_dist.dist.ds_config import backbone_init_config
+from msplora_dist.dist.ds_config import backbone_init_config, single_rank_zero3_note
 from msplora_dist.dist.process import init_distributed
 from msplora_dist.dist.signals import LauncherWatch, StopRequest, stop_agreed
 from msplora_dist.errors import ConfigError, RunStopped, WriteFailed
@@ -158,8 +158,7 @@ class Trainer:
             write_file_atomically(self.output_dir / "ds_config.json", json.dumps(plan.ds_config, indent=2))
         backbone = f"{plan.dtype}, 4-bit backbone" if cfg.load_in_4bit else plan.dtype
         if self.world == 1 and plan.zero_stage == 3:
-            log("note: ZeRO-3 on one rank partitions nothing and gathers every layer; use ds_configs/zero2.json when the "
-                "model fits (1.5x faster on one H200 at the 7B shape, docs/benchmarks.md)")
+            log(single_rank_zero3_note(plan.ds_config))
         log(f"run: {plan.total_steps} steps of a global batch of {plan.sampler.global_batch} (micro {cfg.micro_batch_size} x accum "
             f"{cfg.grad_accum} x {self.world} ranks), ZeRO-{plan.zero_stage}, {backbone}, lr {cfg.lr:g}; "
             f"full config in {self.output_dir / 'train_config.yaml'}")

@@ -9,7 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from msplora_dist.dist.ds_config import backbone_init_config, read_ds_config, resolve_ds_config
+from msplora_dist.dist.ds_config import (
+    SINGLE_RANK_ZERO3,
+    backbone_init_config,
+    read_ds_config,
+    resolve_ds_config,
+    single_rank_zero3_note,
+)
 from msplora_dist.errors import ConfigError
 from msplora_dist.train.config import TrainConfig
 
@@ -107,3 +113,36 @@ def test_ds_config_that_is_not_json_names_the_line(tmp_path):
     path.write_text('{\n  "train_batch_size": 8,\n  oops\n}\n')
     with pytest.raises(ConfigError, match="line 3"):
         read_ds_config(path)
+
+
+def zero3(world_size: int, **zero) -> dict:
+    return resolve_ds_config({"zero_optimization": {"stage": 3, **zero}}, **(VALUES | {"world_size": world_size}),
+                             dtype="bf16")["zero_optimization"]
+
+
+def test_zero3_on_one_rank_skips_the_host_work_that_partitions_nothing_there():
+    # One rank, parameters on the GPU: a gathered weight is a view of its only (whole) shard.
+    assert {k: zero3(1)[k] for k in SINGLE_RANK_ZERO3} == SINGLE_RANK_ZERO3
+    assert zero3(1, stage3_max_reuse_distance="auto")["stage3_max_reuse_distance"] == SINGLE_RANK_ZERO3["stage3_max_reuse_distance"]
+    # Several ranks, or parameters offloaded (a gather copies onto the GPU, a release frees it): DeepSpeed's own.
+    for zero in (zero3(2, stage3_max_reuse_distance="auto"), zero3(1, offload_param={"device": "cpu"})):
+        assert not set(SINGLE_RANK_ZERO3) & set(zero), zero
+    # An explicit value is the user's.
+    explicit = zero3(1, memory_efficient_linear=True, stage3_max_reuse_distance=7)
+    assert explicit["memory_efficient_linear"] is True and explicit["stage3_max_reuse_distance"] == 7
+
+
+def test_the_one_rank_note_says_what_the_resolved_config_does():
+    ours = single_rank_zero3_note({"zero_optimization": zero3(1)})
+    assert "memory_efficient_linear off" in ours and "unbounded" in ours and "config's own" not in ours
+    kept = single_rank_zero3_note({"zero_optimization": zero3(1, memory_efficient_linear=True)})
+    assert "config's own memory_efficient_linear kept" in kept and "unbounded" in kept and " off" not in kept
+    assert "offload (cpu)" in single_rank_zero3_note({"zero_optimization": zero3(1, offload_param={"device": "cpu"})})
+
+
+def test_zero3_configs_stage_gradients_in_a_bucket_no_larger_than_zero2s():
+    # ZeRO-3 allocates one reduce_bucket_size bucket (DeepSpeed's default 5e8 elements: 1.9 GB of fp32 on one GPU),
+    # ZeRO-2 two (overlap_comm); the adapters' gradients of a 7B model (4e7 elements) fit in either.
+    def bucket(name):
+        return read_ds_config(REPO / "ds_configs" / f"{name}.json")["zero_optimization"]["reduce_bucket_size"]
+    assert bucket("zero3") <= bucket("zero2") and bucket("zero3_offload") <= bucket("zero2")

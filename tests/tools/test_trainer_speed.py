@@ -56,7 +56,7 @@ def test_torch_peft_checkpoints_as_the_rows_do_and_peft_tuned_always():
 
 def _row(name, tps, session="a", round_=0, **extra):
     return {"row": name, "tokens_per_s": tps, "peak_gb": 10.0, "trainable": 40, "losses": [1.0], "tokens_per_step": [8],
-            "session": session, "round": round_, **extra}
+            "session": session, "round": round_} | extra
 
 
 def test_table_takes_each_ratio_against_the_anchor_nearest_in_time_and_checks_the_budget():
@@ -76,7 +76,10 @@ def test_table_takes_each_ratio_against_the_anchor_nearest_in_time_and_checks_th
     assert "zero3-liger-mem24 / zero2-liger-mem24: 1.200" in lines
     assert cells["peft-liger"][1:] == ["failed:", "ImportError:", "liger"]
     assert not any(line.startswith("warning") for line in lines)
-    assert any(line.startswith("warning: run a's") for line in table_lines([*results, _row("zero2", 1.0, tokens_per_step=[9])]))
+    assert any(line.startswith("warning: run a's rows trained different token counts")
+               for line in table_lines([*results, _row("zero2", 1.0, tokens_per_step=[9])]))
+    assert any(line.startswith("warning: run a's step-1 losses differ")  # loss@1 is the same-tokens, same-model check
+               for line in table_lines([*results, _row("zero2", 1.0, losses=[1.01])]))
 
 
 def test_ranks_are_three_integers_or_an_arm_on_all_seven_projections():

@@ -64,8 +64,8 @@ def test_the_log_line_says_budget_layers_and_estimate():
     assert 0 < k < 32 and SEVEN_B.peak(k) <= 24 * GiB < SEVEN_B.peak(k - 1)
 
 
-def test_auto_keeps_a_margin_of_ten_percent_and_two_gigabytes():
-    assert memory.auto_budget(100 * GiB) == 88 * GiB
+def test_auto_keeps_a_margin_of_ten_percent_and_four_gigabytes():
+    assert memory.auto_budget(100 * GiB) == 86 * GiB
     assert memory.auto_budget(GiB) == 0
 
 

@@ -46,4 +46,9 @@ def table_lines(results: list[dict]) -> list[str]:
         counts = {tuple(r["tokens_per_step"]) for r in results if measured(r) and r.get("session") == session}
         if len(counts) > 1:
             lines.append(f"warning: run {session}'s rows trained different token counts per step: {sorted(counts)}")
+    for session in dict.fromkeys(r.get("session") for r in results):  # step 1: adapters zero, the base's loss
+        first = sorted(r["losses"][0] for r in results if measured(r) and r.get("session") == session and r.get("losses"))
+        if first and (first[-1] - first[0]) > 1e-3 * abs(first[len(first) // 2]):
+            lines.append(f"warning: run {session}'s step-1 losses differ ({first[0]:.4f} to {first[-1]:.4f}): not the same "
+                         "tokens, or not the same model (loss@1 should agree to bf16 rounding)")
     return lines

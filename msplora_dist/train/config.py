@@ -21,6 +21,7 @@ ASSETS = Path(__file__).resolve().parents[1] / "assets"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # transformers' attention back-ends (None: its default) and the package each needs beyond torch.
 MAX_LR = 1.0
+AUTO_TRUE_FALSE = ("auto", "true", "false")  # --liger, --compile_layers: auto = where it applies
 """The largest --lr accepted."""
 
 # interleave_datasets' stopping strategies for a weighted mix of several data sources.
@@ -272,10 +273,9 @@ class TrainConfig:
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS and "/" not in self.attn_implementation:  # "/": a hub kernel
             raise ConfigError(f"attn_implementation={self.attn_implementation!r}: expected one of "
                               f"{', '.join(a for a in ATTN_IMPLEMENTATIONS if a)} (or unset for transformers' default)")
-        if self.liger not in ("auto", "true", "false"):
-            raise ConfigError(f"liger={self.liger!r}: expected one of auto, true, false")
-        if self.compile_layers not in ("auto", "true", "false"):
-            raise ConfigError(f"compile_layers={self.compile_layers!r}: expected one of auto, true, false")
+        for name in ("liger", "compile_layers"):
+            if getattr(self, name) not in AUTO_TRUE_FALSE:
+                raise ConfigError(f"{name}={getattr(self, name)!r}: expected one of {', '.join(AUTO_TRUE_FALSE)}")
         if self.dtype not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"dtype={self.dtype!r}: expected one of auto, bf16, fp32")
         if self.activation_memory_gb is not None:

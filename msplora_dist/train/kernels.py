@@ -50,12 +50,12 @@ from torch import nn
 
 from msplora_dist.adapters.inject import find_decoder_layers
 from msplora_dist.errors import ConfigError
+from msplora_dist.train.config import AUTO_TRUE_FALSE
 
-LIGER_SETTINGS = ("auto", "true", "false")
+LIGER_SETTINGS = AUTO_TRUE_FALSE
 # model_type -> Liger's public patch function for that family.
 LIGER_PATCHES = {"llama": "apply_liger_kernel_to_llama", "mistral": "apply_liger_kernel_to_mistral",
                  "qwen2": "apply_liger_kernel_to_qwen2", "qwen3": "apply_liger_kernel_to_qwen3"}
-COMPILE_SETTINGS = ("auto", "true", "false")
 COMPILE_BACKEND_ENV = "MSPLORA_COMPILE_BACKEND"
 """Internal, for the tests: the torch.compile backend of --compile_layers (default inductor). The CPU tests use
 aot_eager: the same dynamo graph and autograd split as inductor, without inductor's code generation."""
@@ -103,9 +103,7 @@ def liger_feature(layers_compiled: bool) -> str:
 def resolve_compile(setting: str, on_gpu: bool, zero_stage: int, zero3_leaf_layers: bool) -> bool:
     """Whether this run compiles its decoder layers. auto: on CUDA, unless ZeRO-3 runs without leaf layers;
     true: always, and ZeRO-3 needs --zero3_leaf_layers true (without it ZeRO-3 hooks every projection and norm inside
-    the layer: a graph break at each); false: never."""
-    if setting not in COMPILE_SETTINGS:
-        raise ConfigError(f"--compile_layers {setting!r}: expected one of {', '.join(COMPILE_SETTINGS)}")
+    the layer: a graph break at each); false: never. The setting was validated by TrainConfig."""
     if setting == "false":
         return False
     hooked_inside = zero_stage == 3 and not zero3_leaf_layers

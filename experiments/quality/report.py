@@ -213,7 +213,7 @@ def task_results(name: str, root: Path, model: Path | None, img_dir: Path, out_m
                      "values averaged over their seeds); a verdict only where both intervals exclude 0; gain ratio = MSPLoRA's "
                      "loss drop from the base model / LoRA's):\n")
         lines.append(body)
-        reading = render_reading(comparisons, stats, metric)
+        reading = render_reading(comparisons, metric)
         if reading:
             lines.append("\n" + reading)
         plot = plot_vs_params(stats, img_dir / plot_name, f"{name}: test loss and metric against adapter size", metric)

@@ -75,8 +75,10 @@ def compare(stats: dict, msp: str, lora: str, n_boot: int = 10000) -> dict | Non
     res["metric"] = st.compare_measure(a["metric_by_seed"], b["metric_by_seed"], a["example_scores"], b["example_scores"], None,
                                        higher_is_better=True, n_boot=n_boot)
     base = b["base_test_loss"]
-    if finite(base) and b["mean"] is not None and a["mean"] is not None and base - b["mean"] > 0:
-        res["gain_ratio"] = (base - a["mean"]) / (base - b["mean"])
+    if finite(base) and b["mean"] is not None and base - b["mean"] > 0:
+        res["lora_gain"] = base - b["mean"]  # what LoRA gained on the base model, nats
+        if a["mean"] is not None:
+            res["gain_ratio"] = (base - a["mean"]) / res["lora_gain"]
     return res
 
 
@@ -151,7 +153,7 @@ def signed(x: float, digits: int = 4) -> str:
     return f"{x:+.1e}" if x and abs(x) < 0.5 * 10 ** -digits else f"{x:+.{digits}f}"
 
 
-def render_reading(comparisons: list[dict], stats: dict, metric: str | None) -> str:
+def render_reading(comparisons: list[dict], metric: str | None) -> str:
     """One sentence per comparison: its verdict, and where none is resolved how large a difference the intervals
     still allow, the loss also as a share of the LoRA arm's loss drop from the base model (what LoRA gained)."""
     name = METRIC_NAMES.get(metric, metric or "metric")
@@ -161,10 +163,9 @@ def render_reading(comparisons: list[dict], stats: dict, metric: str | None) -> 
         b = bounds(lo)
         if b is None:
             continue
-        ref = stats[c["lora"]]
-        gain = ref["base_test_loss"] - ref["mean"] if finite(ref["base_test_loss"]) and ref["mean"] is not None else None
+        gain = c.get("lora_gain")
         share = (f" ({100 * b[0] / gain:+.1f}% to {100 * b[1] / gain:+.1f}% of the {gain:.3f} nats LoRA gained on the base)"
-                 if gain and gain > 0 else "")
+                 if gain else "")
         text = f"- `{c['msp']}` vs `{c['lora']}` ({c['params_ratio']:.2f}x the parameters): loss **{lo['verdict']}**"
         if lo["verdict"] == st.UNRESOLVED:
             text += f", a difference between {signed(b[0])} and {signed(b[1])} nats still open{share}"

@@ -285,9 +285,10 @@ def test_the_reading_states_the_range_both_intervals_leave_open_as_a_share_of_lo
     unresolved = {"seed_ci": [-0.011, 0.016], "example_ci": [-0.001, 0.0055], "verdict": stats.UNRESOLVED}
     barely = {"seed_ci": [-0.005, 3.6e-6], "example_ci": [-0.0048, -0.0004], "verdict": stats.UNRESOLVED}
     resolved = {"seed_ci": [0.01, 0.03], "example_ci": [0.02, 0.04], "verdict": stats.BETTER}
-    comps = [{"msp": "m", "lora": "l", "params_ratio": 1 / 3, "loss": unresolved, "metric": resolved},
-             {"msp": "m2", "lora": "l", "params_ratio": 1.0, "loss": barely, "metric": {"seed_ci": None, "example_ci": None}}]
-    text = tables.render_reading(comps, {"l": {"base_test_loss": 3.0, "mean": 2.5}}, "chrf")
+    comps = [{"msp": "m", "lora": "l", "params_ratio": 1 / 3, "loss": unresolved, "metric": resolved, "lora_gain": 0.5},
+             {"msp": "m2", "lora": "l", "params_ratio": 1.0, "loss": barely, "metric": {"seed_ci": None, "example_ci": None},
+              "lora_gain": 0.5}]
+    text = tables.render_reading(comps, "chrf")
     first, second = text.splitlines()[-2:]
     assert tables.bounds(unresolved) == (-0.011, 0.016)  # the union: ruled out only where both exclude it
     assert "between -0.0110 and +0.0160 nats still open (-2.2% to +3.2% of the 0.500 nats LoRA gained" in first

@@ -22,7 +22,7 @@ import sys
 import threading
 from typing import TextIO
 
-from msplora_dist.cli.common import OneLineParser, offline_quiet_env, print_user_error
+from msplora_dist.cli.common import OneLineParser, add_model_args, add_sampling_args, offline_quiet_env, print_user_error
 
 offline_quiet_env()
 
@@ -32,16 +32,10 @@ TEMPLATES = ("alpaca", "chat")
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = OneLineParser(description="Chat with a base model and an MSPLoRA adapter (/reset forgets the conversation, /exit quits).")
-    p.add_argument("--model", default=None, help="base model directory (default: the one the adapter records)")
-    p.add_argument("--adapter", default=None, help="MSPLoRA adapter directory (written by save_adapter)")
+    add_model_args(p)
     p.add_argument("--template", default="alpaca", choices=TEMPLATES, help="the training prompt format (default: alpaca)")
     p.add_argument("--system", default=None, help="--template chat: a system message opening the conversation")
-    p.add_argument("--max_new_tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 (the default): greedy decoding")
-    p.add_argument("--top_p", type=float, default=0.9)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"), help="auto: bf16 on GPU, fp32 on CPU")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    add_sampling_args(p, temperature=0.0, temperature_help="0 (the default): greedy decoding")
     return p.parse_args(argv)
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from msplora_dist.cli.common import OneLineParser, offline_quiet_env, print_user_error
+from msplora_dist.cli.common import OneLineParser, add_model_args, add_sampling_args, offline_quiet_env, print_user_error
 
 offline_quiet_env()
 
@@ -25,18 +25,12 @@ offline_quiet_env()
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = OneLineParser(description="Sample from a base model with an optional MSPLoRA adapter.")
-    p.add_argument("--model", default=None, help="base model directory (Hugging Face format; default: the one the adapter records)")
-    p.add_argument("--adapter", default=None, help="MSPLoRA adapter directory (written by save_adapter)")
+    add_model_args(p)
     p.add_argument("--prompt", required=True, help="the instruction (or, with --chat, the user message)")
     p.add_argument("--input", default="", help="alpaca input field (not with --chat)")
     p.add_argument("--chat", action="store_true", help="format as a chat turn with the tokenizer's chat template")
     p.add_argument("--system", default=None, help="--chat: a system message before the user turn")
-    p.add_argument("--max_new_tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.7, help="0: greedy decoding")
-    p.add_argument("--top_p", type=float, default=0.9)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"), help="auto: bf16 on GPU, fp32 on CPU")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    add_sampling_args(p, temperature=0.7, temperature_help="0: greedy decoding")
     return p.parse_args(argv)
 
 

@@ -12,7 +12,7 @@
 #   bash experiments/quality/gpu.sh smol-grid   # calls C, D: the grids go on where they stopped
 # The trainer's speed on SmolLM2 against a plain PyTorch + PEFT loop (docs/benchmarks.md), after call A the same way:
 #   bash experiments/quality/gpu.sh smol-speed  # call B: second half; join, convert, python -m tools.trainer_speed
-# SPEED_ROWS / SPEED_ANCHORS (zero2,zero2-liger / torch-peft), SPEED_ARGS (more flags) change what it runs.
+# SPEED_ROWS / SPEED_ANCHORS (zero3,zero3-liger,zero2-compile / torch-peft: what docs/benchmarks.md reports), SPEED_ARGS (more flags) change what it runs.
 # SMOL_JOBS (4), SMOL_STEPS (80), SMOL_GRID_ARGS (more grid flags for both tasks), NUMBERS_ARMS (the arms of the
 # numbers grid) change the plan; docs/quality.md gives the carry lists.
 #
@@ -105,7 +105,7 @@ smol_speed() {
   stage python3 -m tools.bench --mode make-data --rows 128 --min_tokens 300 --save-dir runs/bench_smol.jsonl &&
   stage python3 -m tools.trainer_speed --model "$SMOL_BASE" --data runs/bench_smol.jsonl --out "$OUT/speed_smol.json" \
     --workdir runs/trainer_speed_smol --batch 16 --seq 256 --steps 40 --warmup 5 --repeat 2 --load_in_4bit false \
-    --gradient_checkpointing false --ranks msp_all_eq_lora16 --rows "${SPEED_ROWS:-zero2,zero2-liger}" \
+    --gradient_checkpointing false --ranks msp_all_eq_lora16 --rows "${SPEED_ROWS:-zero3,zero3-liger,zero2-compile}" \
     --anchors "${SPEED_ANCHORS:-torch-peft}" ${SPEED_ARGS:-}
 }
 

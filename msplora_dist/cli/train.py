@@ -33,6 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     """Parse the flags, train, and map the outcome to an exit status: 0 done, 2 bad input, 3 stopped itself (non-finite
     steps), 4 a checkpoint could not be written, 128 + n stopped by signal n (143 SIGTERM, 130 SIGINT) after a checkpoint."""
     quiet_libraries()  # before deepspeed is imported: its import already logs
+    # PyTorch's expandable segments (read at the first CUDA allocation; the user's own setting wins): near the memory a
+    # budget plans for (--activation_memory_gb), the default allocator fragments and its retries cost a tenth of the
+    # step (docs/benchmarks.md). Unsloth sets it too.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     import torch.distributed
 
     from msplora_dist.dist.process import shutdown_distributed

@@ -11,8 +11,16 @@ Persistence: under ZeRO-3 the shared adapters must stay replicated on every rank
 exactly those tensors, one by one). stage3_param_persistence_threshold then concerns the backbone alone: "auto"
 is 0 (no backbone tensor replicated); an explicit value is DeepSpeed's own rule for the backbone.
 
-One rank: ZeRO-3 there partitions nothing, and two of its defaults only cost host time (SINGLE_RANK_ZERO3); where the
-config leaves them open they are set for that case. With several ranks, or parameters offloaded, DeepSpeed's own apply.
+One rank: ZeRO-3 there partitions nothing (a gather is a view of the one whole shard), so by default a ZeRO-3 config
+without parameter offload runs DeepSpeed's stage 2 on one rank (single_rank_zero3="as_zero2": the same arithmetic,
+without ZeRO-3's per-module hooks, which cost 4% of the step at the 7B shape once its trace settles, 20% over the
+first ten steps, and 0.1 GB; docs/benchmarks.md). Kept at stage 3 (single_rank_zero3="keep"), two of its defaults
+that only cost host time there are set where the config leaves them open (SINGLE_RANK_ZERO3). With several ranks,
+or parameters offloaded, ZeRO-3 runs as configured.
+
+Gradient bucket: reduce_bucket_size "auto" is BUCKET_ELEMENTS (absent: DeepSpeed's own default, 5e8). On one rank the
+bucket only stages copies (the all-reduce is over one rank), and ZeRO allocates it whole (twice with overlap_comm,
+in fp32), so it is smaller there.
 """
 
 from __future__ import annotations
@@ -51,10 +59,22 @@ def _fill(section: dict, key: str, value, what: str, *, compare=None) -> None:
                           "set it to \"auto\" or make the two agree")
 
 
+SINGLE_RANK_ZERO3_CHOICES = ("as_zero2", "keep")
+"""What a ZeRO-3 config does on one rank with its parameters on the GPU (see the module docstring)."""
+BUCKET_ELEMENTS = {"several_ranks": 50_000_000, "one_rank": 10_000_000}
+"""reduce_bucket_size for "auto". Several ranks: DeepSpeed's ZeRO-2 default order of size (fewer, larger all-reduces).
+One rank: 1e7 fp32 elements (40 MB, twice with overlap_comm) instead of 5e7 saves 0.3 GB at no measurable cost: the
+adapters' gradients of a 7B model (4e7 elements) then flush in 4 copies a step instead of one."""
+
+
 def resolve_ds_config(raw: dict, *, micro_batch_size: int, grad_accum: int, world_size: int, lr: float,
-                      weight_decay: float, max_grad_norm: float, dtype: str, load_universal: bool = False) -> dict:
+                      weight_decay: float, max_grad_norm: float, dtype: str, load_universal: bool = False,
+                      single_rank_zero3: str = "as_zero2") -> dict:
     """A complete DeepSpeed config for this run. dtype is the resolved 'bf16' or 'fp32'. load_universal:
-    the run resumes a checkpoint written by another number of ranks (train.state.load_checkpoint)."""
+    the run resumes a checkpoint written by another number of ranks or ZeRO stage (train.state.load_checkpoint).
+    single_rank_zero3: one of SINGLE_RANK_ZERO3_CHOICES."""
+    if single_rank_zero3 not in SINGLE_RANK_ZERO3_CHOICES:
+        raise ConfigError(f"single_rank_zero3={single_rank_zero3!r}: expected one of {', '.join(SINGLE_RANK_ZERO3_CHOICES)}")
     ds = copy.deepcopy(raw)
     if load_universal:
         ds.setdefault("checkpoint", {})["load_universal"] = True
@@ -111,11 +131,17 @@ def resolve_ds_config(raw: dict, *, micro_batch_size: int, grad_accum: int, worl
                           "non-finite steps; remove it")
     if stage == 3:
         _check_offload_paths(zero)
+    if stage == 3 and world_size == 1 and not _offloads_parameters(zero) and single_rank_zero3 == "as_zero2":
+        zero = ds["zero_optimization"] = as_stage2(zero)
+        stage = 2
+    if zero.get("reduce_bucket_size") == AUTO:
+        zero["reduce_bucket_size"] = BUCKET_ELEMENTS["one_rank" if world_size == 1 else "several_ranks"]
+    if stage == 3:
         if zero.get("stage3_param_persistence_threshold", AUTO) == AUTO:
             zero["stage3_param_persistence_threshold"] = 0  # the adapters are made persistent one by one instead
         if world_size == 1 and not _offloads_parameters(zero):
             _fill_single_rank_zero3(zero)
-        for key in ("stage3_prefetch_bucket_size", "reduce_bucket_size", "stage3_max_live_parameters", "stage3_max_reuse_distance"):
+        for key in ("stage3_prefetch_bucket_size", "stage3_max_live_parameters", "stage3_max_reuse_distance"):
             if zero.get(key) == AUTO:
                 del zero[key]  # DeepSpeed's own defaults
     ds.setdefault("steps_per_print", 10**9)  # the trainer logs; DeepSpeed's own prints would duplicate it
@@ -135,6 +161,23 @@ def resolve_ds_config(raw: dict, *, micro_batch_size: int, grad_accum: int, worl
 SINGLE_RANK_ZERO3 = {"memory_efficient_linear": False, "stage3_max_reuse_distance": 2**62}
 
 
+STAGE3_ONLY_KEYS = ("memory_efficient_linear", "module_granularity_threshold", "zero_hpz_partition_size", "zero_quantized_weights",
+                    "zero_quantized_nontrainable_weights", "mics_shard_size", "mics_hierarchical_params_gather")
+"""zero_optimization keys that mean something only under stage 3 (besides the stage3_* ones)."""
+
+
+def as_stage2(zero: dict) -> dict:
+    """A ZeRO-3 section as the stage-2 one a single rank runs: the shared keys (buckets, overlap_comm, optimizer offload)
+    kept, the stage-3-only ones dropped (a leftover "auto" among them would otherwise be refused)."""
+    kept = {k: v for k, v in zero.items() if not k.startswith("stage3_") and k not in STAGE3_ONLY_KEYS}
+    return kept | {"stage": 2}
+
+
+def demoted_zero3(raw: dict, resolved: dict) -> bool:
+    """The config asked for ZeRO-3 and this run resolved it to stage 2 (one rank, see the module docstring)."""
+    return zero_stage(raw) == 3 and zero_stage(resolved) == 2
+
+
 def _offloads_parameters(zero: dict) -> bool:
     """ZeRO-3 keeps the parameters on the CPU or NVMe: a gather is then a real copy onto the GPU, and a release frees it."""
     return (zero.get("offload_param") or {}).get("device", "none") not in ("none", None)
@@ -148,8 +191,12 @@ def _fill_single_rank_zero3(zero: dict) -> None:
             zero[key] = value
 
 
-def single_rank_zero3_note(ds: dict) -> str:
-    """The log line for a ZeRO-3 run on one rank: what the resolved config does there, and why."""
+def single_rank_zero3_note(ds: dict, demoted: bool = False) -> str:
+    """The log line for a ZeRO-3 config on one rank: what the resolved config does there, and why."""
+    if demoted:
+        return ("note: ZeRO-3 on one rank partitions nothing (a gather is a view of the one whole shard), so this run uses "
+                "DeepSpeed's stage 2: the same arithmetic and memory without ZeRO-3's per-module hooks "
+                "(--single_rank_zero3 keep runs stage 3; with several ranks, or offload_param, ZeRO-3 runs as configured)")
     zero = ds["zero_optimization"]
     if _offloads_parameters(zero):
         return ("note: ZeRO-3 on one rank partitions nothing; it runs here for its parameter offload "
@@ -160,7 +207,7 @@ def single_rank_zero3_note(ds: dict) -> str:
     kept = [key for key, value in SINGLE_RANK_ZERO3.items() if zero.get(key) != value]
     done = "; ".join(applied + ([f"the config's own {' and '.join(kept)} kept"] if kept else []))
     return (f"note: ZeRO-3 on one rank partitions nothing (a gather is a view of the one whole shard), so: {done}; its "
-            "module hooks still cost host time: ds_configs/zero2.json is faster when the model fits (docs/benchmarks.md)")
+            "module hooks still cost host time: --single_rank_zero3 as_zero2 (the default) runs stage 2 (docs/benchmarks.md)")
 
 
 def _check_offload_paths(zero: dict) -> None:

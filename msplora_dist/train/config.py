@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from msplora_dist.adapters.config import ALL_LINEAR_TARGETS, MSPLoRAConfig
+from msplora_dist.dist.ds_config import SINGLE_RANK_ZERO3_CHOICES
 from msplora_dist.errors import ConfigError
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -121,6 +122,12 @@ class TrainConfig:
     configs go."""
     ds_config: str = grouped("run", str(REPO_ROOT / "ds_configs" / "zero3.json"))
     """DeepSpeed JSON config; its "auto" values are filled from this config (see ds_config.py)."""
+    single_rank_zero3: str = grouped("run", "as_zero2")
+    """A ZeRO-3 config on one rank with its parameters on the GPU, where ZeRO-3 partitions nothing: as_zero2 = run
+    DeepSpeed's stage 2 (the same arithmetic and memory, without ZeRO-3's per-module hooks: 4% of the step at the 7B
+    shape once settled, docs/benchmarks.md); keep = run stage 3, for a run whose checkpoints are to be resumed on several
+    ranks under ZeRO-3 (DeepSpeed's universal format does not carry stage 2's optimizer state to stage 3). Several
+    ranks, or offload_param: ZeRO-3 as configured."""
 
     # --- schedule -----------------------------------------------------------------------------------
     max_steps: int = grouped("optimisation", -1)
@@ -163,12 +170,13 @@ class TrainConfig:
     liger: str = grouped("model", "auto")
     """Liger Kernel's fused RMSNorm, RoPE, SwiGLU and linear cross-entropy: auto = on a CUDA GPU when liger-kernel
     is installed and supports the model family; true = required; false = off."""
-    compile_layers: str = grouped("model", "false")
+    compile_layers: str = grouped("model", "auto")
     """Run each decoder layer's forward through torch.compile (inductor), one graph shared by every layer, inside the
-    gradient checkpoint so the recomputation runs it too (train/kernels.py). auto = on a CUDA GPU; true = on (ZeRO-3
-    needs --zero3_leaf_layers true); false = off, the default until the GPU measurement shows it pays. With Liger on,
-    Liger keeps only its fused linear cross-entropy (its Triton kernels do not trace; inductor fuses RMSNorm, RoPE
-    and SwiGLU itself). The first step pays the compile, and the first batch of a new length one recompile."""
+    gradient checkpoint so the recomputation runs it too (train/kernels.py). auto = on a CUDA GPU (measured: 1.03x the
+    tokens/s at less memory at the 7B shape, 1.3-1.7x on SmolLM2-135M; docs/benchmarks.md); true = on (ZeRO-3 needs
+    --zero3_leaf_layers true); false = off. With Liger on, Liger keeps only its fused linear cross-entropy (its Triton
+    kernels do not trace; inductor fuses RMSNorm, RoPE and SwiGLU itself). The first step pays the compile (5-10 s),
+    and the first batch of a new length one recompile (then shapes are dynamic)."""
     zero3_leaf_layers: bool = grouped("model", True)
     """ZeRO-3: fetch each decoder layer's weights in one all-gather (a DeepSpeed leaf module) instead of one per
     projection; exact, and about 1.7x faster on one GPU at the 7B shape."""
@@ -273,6 +281,8 @@ class TrainConfig:
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS and "/" not in self.attn_implementation:  # "/": a hub kernel
             raise ConfigError(f"attn_implementation={self.attn_implementation!r}: expected one of "
                               f"{', '.join(a for a in ATTN_IMPLEMENTATIONS if a)} (or unset for transformers' default)")
+        if self.single_rank_zero3 not in SINGLE_RANK_ZERO3_CHOICES:
+            raise ConfigError(f"single_rank_zero3={self.single_rank_zero3!r}: expected one of {', '.join(SINGLE_RANK_ZERO3_CHOICES)}")
         for name in ("liger", "compile_layers"):
             if getattr(self, name) not in AUTO_TRUE_FALSE:
                 raise ConfigError(f"{name}={getattr(self, name)!r}: expected one of {', '.join(AUTO_TRUE_FALSE)}")
@@ -308,7 +318,7 @@ class TrainConfig:
     def ds_values(self) -> dict:
         """The training values dist.ds_config.resolve_ds_config fills DeepSpeed's "auto" entries from."""
         return {"micro_batch_size": self.micro_batch_size, "grad_accum": self.grad_accum, "lr": self.lr,
-                "weight_decay": self.weight_decay, "max_grad_norm": self.max_grad_norm}
+                "weight_decay": self.weight_decay, "max_grad_norm": self.max_grad_norm, "single_rank_zero3": self.single_rank_zero3}
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -15,7 +15,7 @@ import datasets
 from jinja2 import TemplateError
 
 from msplora_dist.adapters.config import MSPLoRAConfig
-from msplora_dist.dist.ds_config import read_ds_config, resolve_ds_config, zero_stage
+from msplora_dist.dist.ds_config import demoted_zero3, read_ds_config, resolve_ds_config, zero_stage
 from msplora_dist.errors import ConfigError
 from msplora_dist.train import gguf
 from msplora_dist.train.backbone import (
@@ -56,6 +56,8 @@ class Plan:
     model_type: str = "llama"
     liger: bool = False
     compile_layers: bool = False
+    demoted_zero3: bool = False
+    """The --ds_config is ZeRO-3 and this one-rank run uses stage 2 (dist/ds_config.py, --single_rank_zero3)."""
 
     @property
     def zero_stage(self) -> int:
@@ -202,4 +204,5 @@ def preflight(cfg: TrainConfig, world: int, on_gpu: bool) -> Plan:
     total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, int(cfg.epochs * sampler.steps_per_epoch))
     return Plan(dtype, resolved, adapter_cfg, tokenizer, train_ds, eval_ds, sampler, total_steps, resume_dir, world, model_dir,
                 hf_config.get("model_type", "llama"), liger,
-                resolve_compile(cfg.compile_layers, on_gpu, zero_stage(resolved), cfg.zero3_leaf_layers))
+                resolve_compile(cfg.compile_layers, on_gpu, zero_stage(resolved), cfg.zero3_leaf_layers),
+                demoted_zero3(raw_ds, resolved))

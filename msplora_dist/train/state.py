@@ -137,11 +137,17 @@ def check_resume_compatible(directory: Path, adapter_config, hf_config: dict, ru
             f"{run['global_batch']} (micro_batch_size x grad_accum x ranks). Keep the global batch: choose --grad_accum so that "
             f"micro_batch_size x grad_accum x ranks = {saved_batch}"
         )
-    # DeepSpeed's optimizer files differ by stage and precision: resume with the ones the run had.
+    # DeepSpeed's optimizer files differ by stage and precision, and its universal format does not carry them from one
+    # stage to another (a stage-2 checkpoint's converted optimizer_state.pt lacks what stage 3 reads): resume with the
+    # ones the run had. A ZeRO-3 config runs stage 2 on one rank (dist/ds_config.py), so the hint says how to keep 3.
     for key, flag in (("zero_stage", "ZeRO stage (--ds_config)"), ("dtype", "--dtype")):
         if state.get(key) is not None and state[key] != run[key]:
+            hint = ""
+            if key == "zero_stage" and {state[key], run[key]} == {2, 3}:
+                hint = (" (a ZeRO-3 config runs stage 2 on one rank; --single_rank_zero3 keep runs stage 3 there, for a run "
+                        "that continues on several ranks, or resume this one on one rank)")
             raise CheckpointError(f"--resume {str(directory)!r} was trained with {key}={state[key]!r}; this run has "
-                                  f"{key}={run[key]!r}. Resume with the same {flag}")
+                                  f"{key}={run[key]!r}. Resume with the same {flag}{hint}")
     return int(state["world_size"])
 
 

@@ -157,8 +157,8 @@ class Trainer:
             save_config_yaml(cfg, self.output_dir / "train_config.yaml")
             write_file_atomically(self.output_dir / "ds_config.json", json.dumps(plan.ds_config, indent=2))
         backbone = f"{plan.dtype}, 4-bit backbone" if cfg.load_in_4bit else plan.dtype
-        if self.world == 1 and plan.zero_stage == 3:
-            log(single_rank_zero3_note(plan.ds_config))
+        if self.world == 1 and (plan.zero_stage == 3 or plan.demoted_zero3):
+            log(single_rank_zero3_note(plan.ds_config, demoted=plan.demoted_zero3))
         log(f"run: {plan.total_steps} steps of a global batch of {plan.sampler.global_batch} (micro {cfg.micro_batch_size} x accum "
             f"{cfg.grad_accum} x {self.world} ranks), ZeRO-{plan.zero_stage}, {backbone}, lr {cfg.lr:g}; "
             f"full config in {self.output_dir / 'train_config.yaml'}")
@@ -440,7 +440,8 @@ class Trainer:
                    # This process's share: from start-up to the first step, and the steps themselves.
                    "startup_s": self.startup_s, "train_time_s": sum(h.get("time_s", 0.0) for h in history),
                    "train_tokens": int(sum(h.get("tokens", 0) for h in history)),
-                   "replicas_identical": replicas_identical, "zero_stage": plan.zero_stage, "dtype": plan.dtype,
+                   "replicas_identical": replicas_identical, "zero_stage": plan.zero_stage, "zero3_as_zero2": plan.demoted_zero3,
+                   "dtype": plan.dtype,
                    "load_in_4bit": cfg.load_in_4bit, "speed_features": self.speed_features,
                    "checkpointed_layers": checkpointed_layers(engine.module),
                    "activation_memory": self.memory_plan.to_dict() if self.memory_plan else None,

@@ -12,6 +12,7 @@ import pytest
 from msplora_dist.dist.ds_config import (
     SINGLE_RANK_ZERO3,
     backbone_init_config,
+    demoted_zero3,
     read_ds_config,
     resolve_ds_config,
     single_rank_zero3_note,
@@ -23,8 +24,8 @@ REPO = Path(__file__).resolve().parents[2]
 VALUES = dict(micro_batch_size=2, grad_accum=1, world_size=1, lr=1e-3, weight_decay=0.0, max_grad_norm=1.0)
 
 
-def resolve(raw: dict, dtype: str = "bf16") -> dict:
-    return resolve_ds_config(raw, **VALUES, dtype=dtype)
+def resolve(raw: dict, dtype: str = "bf16", **values) -> dict:
+    return resolve_ds_config(raw, **(VALUES | values), dtype=dtype)
 
 
 @pytest.mark.parametrize("name", ["zero2", "zero3", "zero3_offload"])
@@ -55,11 +56,11 @@ def test_a_misspelt_zero_section_is_refused_instead_of_training_without_it():
 
 
 def test_zero3_persists_no_backbone_tensor_unless_the_config_sets_a_threshold():
-    ds = resolve({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": "auto"}})
+    ds = resolve({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": "auto"}}, world_size=2)
     assert ds["zero_optimization"]["stage3_param_persistence_threshold"] == 0
     # An explicit value is DeepSpeed's own rule for the backbone; the adapters persist regardless, so even a
     # value below the largest adapter (refused before) is fine.
-    ds = resolve({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 7}})
+    ds = resolve({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 7}}, world_size=2)
     assert ds["zero_optimization"]["stage3_param_persistence_threshold"] == 7
 
 
@@ -116,7 +117,9 @@ def test_ds_config_that_is_not_json_names_the_line(tmp_path):
 
 
 def zero3(world_size: int, **zero) -> dict:
+    """The resolved zero section of a ZeRO-3 config that stays at stage 3 on one rank (--single_rank_zero3 keep)."""
     return resolve_ds_config({"zero_optimization": {"stage": 3, **zero}}, **(VALUES | {"world_size": world_size}),
+                             single_rank_zero3="keep",
                              dtype="bf16")["zero_optimization"]
 
 
@@ -140,9 +143,30 @@ def test_the_one_rank_note_says_what_the_resolved_config_does():
     assert "offload (cpu)" in single_rank_zero3_note({"zero_optimization": zero3(1, offload_param={"device": "cpu"})})
 
 
-def test_zero3_configs_stage_gradients_in_a_bucket_no_larger_than_zero2s():
-    # ZeRO-3 allocates one reduce_bucket_size bucket (DeepSpeed's default 5e8 elements: 1.9 GB of fp32 on one GPU),
-    # ZeRO-2 two (overlap_comm); the adapters' gradients of a 7B model (4e7 elements) fit in either.
-    def bucket(name):
-        return read_ds_config(REPO / "ds_configs" / f"{name}.json")["zero_optimization"]["reduce_bucket_size"]
-    assert bucket("zero3") <= bucket("zero2") and bucket("zero3_offload") <= bucket("zero2")
+def test_a_zero3_config_on_one_rank_runs_stage_2_unless_kept_or_offloading_parameters():
+    shipped = read_ds_config(REPO / "ds_configs" / "zero3.json")
+    one = resolve(shipped)
+    # Stage 2 with the shared keys; no stage-3 key is left (one left at "auto" would be refused).
+    assert one["zero_optimization"] == {"stage": 2, "overlap_comm": True, "contiguous_gradients": True,
+                                        "reduce_bucket_size": 10_000_000}
+    assert demoted_zero3(shipped, one) and not demoted_zero3(read_ds_config(REPO / "ds_configs" / "zero2.json"), one)
+    for kept in (resolve(shipped, single_rank_zero3="keep"), resolve(shipped, world_size=2, micro_batch_size=1),
+                 resolve(read_ds_config(REPO / "ds_configs" / "zero3_offload.json"))):
+        assert kept["zero_optimization"]["stage"] == 3 and not demoted_zero3(shipped, kept)
+    with pytest.raises(ConfigError, match="single_rank_zero3='stage2': expected one of as_zero2, keep"):
+        resolve(shipped, single_rank_zero3="stage2")
+    with pytest.raises(ConfigError, match="single_rank_zero3='off': expected one of as_zero2, keep"):
+        TrainConfig(single_rank_zero3="off")
+    note = single_rank_zero3_note(one, demoted=True)
+    assert "uses DeepSpeed's stage 2" in note and "--single_rank_zero3 keep" in note
+
+
+@pytest.mark.parametrize("name", ["zero2", "zero3", "zero3_offload"])
+def test_the_gradient_bucket_is_smaller_on_one_rank_where_it_only_stages_copies(name):
+    # ZeRO allocates reduce_bucket_size whole (twice with overlap_comm, in fp32 here): 5e7 is 0.37 GiB on one GPU, where
+    # the all-reduce is over one rank. "auto" gives 1e7 there and 5e7 with several ranks; absent, DeepSpeed's own default.
+    raw = read_ds_config(REPO / "ds_configs" / f"{name}.json")
+    assert raw["zero_optimization"]["reduce_bucket_size"] == "auto"
+    assert resolve(raw)["zero_optimization"]["reduce_bucket_size"] == 10_000_000
+    assert resolve(raw, world_size=2, micro_batch_size=1)["zero_optimization"]["reduce_bucket_size"] == 50_000_000
+    assert "reduce_bucket_size" not in resolve({"zero_optimization": {"stage": 2}})["zero_optimization"]

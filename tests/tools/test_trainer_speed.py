@@ -74,6 +74,9 @@ def test_table_takes_each_ratio_against_the_anchor_nearest_in_time_and_checks_th
     assert round1[0][5] == "1.500"  # round 1's own Unsloth (600), not round 0's
     assert round1[1][5] == "0.800"  # session b has none: the first one measured
     assert "zero3-liger-mem24 / zero2-liger-mem24: 1.200" in lines
+    # A -keep row (ZeRO-3 kept at stage 3 on one GPU) is compared with the ZeRO-2 row of the same kernels.
+    kept = table_lines([*results, _row("zero3-liger-keep", 950.0), _row("zero2-liger", 1000.0)])
+    assert "zero3-liger-keep / zero2-liger: 0.950" in kept
     assert cells["peft-liger"][1:] == ["failed:", "ImportError:", "liger"]
     assert not any(line.startswith("warning") for line in lines)
     assert any(line.startswith("warning: run a's rows trained different token counts")

@@ -165,8 +165,9 @@ def test_resume_from_a_checkpoint_continues_the_same_run(tmp_path):
 @pytest.mark.parametrize("ds_config", [ZERO2, ZERO3])
 def test_resume_on_another_number_of_ranks_continues_the_same_run(tmp_path, ds_config):
     # One rank writes the checkpoint, two ranks resume it (the optimizer state re-partitioned through
-    # DeepSpeed's universal format); the global batch stays 8, so the run is the same run.
-    args = ["--ds_config", ds_config, "--save_steps", "3", *COMMON, "--max_steps", "6"]
+    # DeepSpeed's universal format); the global batch stays 8, so the run is the same run. With zero3.json the one rank
+    # keeps stage 3 (--single_rank_zero3 keep; by default it would run stage 2, whose optimizer files stage 3 cannot read).
+    args = ["--ds_config", ds_config, "--save_steps", "3", *COMMON, "--max_steps", "6", "--single_rank_zero3", "keep"]
     full = tmp_path / "full"
     run_train(full, *args, "--micro_batch_size", "4", "--grad_accum", "2")
     resumed = tmp_path / "resumed"

@@ -184,7 +184,8 @@ def fake_checkpoint(output_dir, ranks=(8, 4, 2), targets=("q_proj", "v_proj"), h
     ({"config": {"micro_batch_size": 8, "grad_accum": 8}}, "global batch of 64 sequences; this run has"),
     ({"config": {"seed": 7}}, "trained with seed=7; this run has seed=0"),
     ({"num_train_examples": 12}, "trained on 12 examples; this run's data gives"),
-    ({"zero_stage": 2}, "trained with zero_stage=2; this run has zero_stage=3. Resume with the same ZeRO stage (--ds_config)"),
+    ({"zero_stage": 3}, "trained with zero_stage=3; this run has zero_stage=2. Resume with the same ZeRO stage (--ds_config) "
+                        "(a ZeRO-3 config runs stage 2 on one rank; --single_rank_zero3 keep runs stage 3 there"),
     ({"dtype": "bf16"}, "trained with dtype='bf16'; this run has dtype='fp32'. Resume with the same --dtype"),
 ])
 def test_resume_from_a_checkpoint_of_another_layout_model_batch_or_data(capsys, tmp_path, kwargs, fragment):

@@ -39,7 +39,7 @@ def table_lines(results: list[dict]) -> list[str]:
             line += f"{r['tokens_per_s'] / ref['tokens_per_s']:>{max(10, len(a) + 4)}.3f}"
         lines.append(line + "  " + budget_cell(r))
     for r in results:  # ZeRO-3 against the same row on ZeRO-2
-        twin = r["row"].replace("zero3", "zero2", 1)
+        twin = r["row"].replace("zero3", "zero2", 1).removesuffix("-keep")  # a -keep row (stage 3 on one GPU) too
         if r["row"].startswith("zero3") and measured(r) and (ref := nearest(results, r, twin)):
             lines.append(f"{r['row']} / {twin}: {r['tokens_per_s'] / ref['tokens_per_s']:.3f}")
     for session in dict.fromkeys(r.get("session") for r in results):  # one run's rows all train the same batches

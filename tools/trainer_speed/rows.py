@@ -30,9 +30,11 @@ class Row:
 
 REST_OF_PEAK_GB = 7  # see the memory-budget rows
 ROWS = {
-    "zero3-plain": Row("zero3", False, ("--zero3_leaf_layers", "false")),  # no leaf layers (one-rank settings kept)
+    # On one GPU a zero3 row runs stage 2 (--single_rank_zero3 as_zero2, the default); -keep rows run stage 3 there.
+    "zero3-plain": Row("zero3", False, ("--zero3_leaf_layers", "false", "--single_rank_zero3", "keep")),  # before issue 14
     "zero3": Row("zero3", False),
     "zero3-liger": Row("zero3", True),
+    "zero3-liger-keep": Row("zero3", True, ("--single_rank_zero3", "keep")),
     "zero2": Row("zero2", False),
     "zero2-liger": Row("zero2", True),
     # The memory-budget mode on a GPU of 24 or 40 GB: the target is the whole peak within it, and the flag gives the
@@ -45,6 +47,8 @@ ROWS = {
     "zero2-compile": Row("zero2", False, ("--compile_layers", "true")),
     "zero2-liger-compile": Row("zero2", True, ("--compile_layers", "true")),
     "zero3-liger-compile": Row("zero3", True, ("--compile_layers", "true")),
+    **{f"zero3-liger-compile-mem{gb}": Row("zero3", True, ("--compile_layers", "true", "--activation_memory_gb",
+                                                           str(gb - REST_OF_PEAK_GB)), float(gb)) for gb in (24, 40)},
 }
 
 
@@ -128,7 +132,7 @@ def trainer_row(name: str, s: Settings, on_gpu: bool, trainable: int) -> dict:
         return {"row": name, "skipped": "needs CUDA"}
     out_dir = s.workdir / name
     cmd = [sys.executable, str(REPO / "launch" / "train.py"), *trainer_flags(s, row.ds_config, out_dir),
-           "--liger", "true" if row.liger else "false", *row.flags]
+           "--liger", "true" if row.liger else "false", "--compile_layers", "false", *row.flags]  # a row's own flag wins
     t0 = time.time()
     # A world of one of its own: not the launcher variables of a parent that holds a process group (or its port)
     env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}

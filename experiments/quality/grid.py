@@ -187,7 +187,7 @@ def cell_values(cell: Cell, arm: Arm, proto: Protocol, root: Path, grid_dir: Pat
                 warmup_ratio=proto.warmup_ratio, min_lr_ratio=proto.min_lr_ratio, weight_decay=proto.weight_decay,
                 max_grad_norm=proto.max_grad_norm, seed=cell.seed, max_seq_len=proto.max_seq_len, eval_steps=proto.eval_steps,
                 save_steps=0, keep_last=1, log_steps=10, analyze=False, attn_implementation=proto.attn_implementation,
-                dtype=proto.dtype)
+                dtype=proto.dtype, compile_layers="false")  # the study ran eager: its generations too
 
 
 def cell_evaluation(cell: Cell, proto: Protocol, root: Path) -> dict | None:

@@ -28,15 +28,24 @@ from msplora_dist.cli.output import quiet_libraries, train_device_line
 from msplora_dist.errors import RunStopped, UserError
 from msplora_dist.utils.log import log
 
+ALLOC_CONF_VARIABLES = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_HIP_ALLOC_CONF")
+"""The names PyTorch reads its allocator settings from (PYTORCH_ALLOC_CONF is the newer one, and wins)."""
+
+
+def default_allocator_conf(environ) -> None:
+    """PyTorch's expandable segments, unless the user set any allocator variable. Near the memory a budget plans for
+    (--activation_memory_gb), the default CUDA allocator fragments, and its frees and retries cost a tenth of the step
+    at the 7B shape (docs/benchmarks.md); Unsloth sets the same. PyTorch reads it at the first CUDA allocation, which
+    comes later; it means nothing on a CPU."""
+    if not any(name in environ for name in ALLOC_CONF_VARIABLES):
+        environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the flags, train, and map the outcome to an exit status: 0 done, 2 bad input, 3 stopped itself (non-finite
     steps), 4 a checkpoint could not be written, 128 + n stopped by signal n (143 SIGTERM, 130 SIGINT) after a checkpoint."""
     quiet_libraries()  # before deepspeed is imported: its import already logs
-    # PyTorch's expandable segments (read at the first CUDA allocation; the user's own setting wins): near the memory a
-    # budget plans for (--activation_memory_gb), the default allocator fragments and its retries cost a tenth of the
-    # step (docs/benchmarks.md). Unsloth sets it too.
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    default_allocator_conf(os.environ)
     import torch.distributed
 
     from msplora_dist.dist.process import shutdown_distributed

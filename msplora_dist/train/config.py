@@ -172,11 +172,12 @@ class TrainConfig:
     is installed and supports the model family; true = required; false = off."""
     compile_layers: str = grouped("model", "auto")
     """Run each decoder layer's forward through torch.compile (inductor), one graph shared by every layer, inside the
-    gradient checkpoint so the recomputation runs it too (train/kernels.py). auto = on a CUDA GPU (measured: 1.03x the
-    tokens/s at less memory at the 7B shape, 1.3-1.7x on SmolLM2-135M; docs/benchmarks.md); true = on (ZeRO-3 needs
-    --zero3_leaf_layers true); false = off. With Liger on, Liger keeps only its fused linear cross-entropy (its Triton
-    kernels do not trace; inductor fuses RMSNorm, RoPE and SwiGLU itself). The first step pays the compile (5-10 s),
-    and the first batch of a new length one recompile (then shapes are dynamic)."""
+    gradient checkpoint so the recomputation runs it too (train/kernels.py). auto = on a CUDA GPU at ZeRO stage 1-2,
+    which includes a ZeRO-3 config on one GPU (measured there: 1.03x the tokens/s at less memory at the 7B shape, 1.3-1.7x
+    on SmolLM2-135M; docs/benchmarks.md); true = on, ZeRO-3 on several ranks too (it needs --zero3_leaf_layers true;
+    tested on CPU, not yet measured on GPUs); false = off. With Liger on, Liger keeps only its fused linear cross-entropy (its Triton
+    kernels do not trace; inductor fuses RMSNorm, RoPE and SwiGLU itself). The first step pays the compile (2-13 s
+    measured), and the first batch of a new length one recompile (then shapes are dynamic)."""
     zero3_leaf_layers: bool = grouped("model", True)
     """ZeRO-3: fetch each decoder layer's weights in one all-gather (a DeepSpeed leaf module) instead of one per
     projection; exact, and about 1.7x faster on one GPU at the 7B shape."""

@@ -92,8 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(TrainConfig):
         default = f.default if f.default is not dataclasses.MISSING else None
         section = sections.get(f.metadata.get("group"), parser)  # a field without a group lands in "options"
+        text = f"{docs.get(f.name, '')} (default: {_shown_default(default)})"
         section.add_argument(f"--{f.name}", default=argparse.SUPPRESS, metavar=_metavar(f.name, hints[f.name]),
-                             help=f"{docs.get(f.name, '')} (default: {_shown_default(default)})")
+                             help=text.replace("%", "%%"))  # argparse %-formats help: a docstring's "4%" is text
     # DeepSpeed's launcher appends --local_rank; the rank is read from the environment instead.
     parser.add_argument("--local_rank", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser

@@ -101,17 +101,20 @@ def liger_feature(layers_compiled: bool) -> str:
 
 
 def resolve_compile(setting: str, on_gpu: bool, zero_stage: int, zero3_leaf_layers: bool) -> bool:
-    """Whether this run compiles its decoder layers. auto: on CUDA, unless ZeRO-3 runs without leaf layers;
-    true: always, and ZeRO-3 needs --zero3_leaf_layers true (without it ZeRO-3 hooks every projection and norm inside
-    the layer: a graph break at each); false: never. The setting was validated by TrainConfig."""
+    """Whether this run compiles its decoder layers. auto: on CUDA, at ZeRO stage 1 or 2 (a ZeRO-3 config on one GPU
+    runs stage 2: dist/ds_config.py), where it was measured on the GPU; true: always, and ZeRO-3 needs
+    --zero3_leaf_layers true (without it ZeRO-3 hooks every projection and norm inside the layer: a graph break at
+    each); false: never. Under ZeRO-3 (several ranks) compiled layers are tested on CPU only, so auto leaves them off
+    there until a several-GPU measurement says they pay. The setting was validated by TrainConfig."""
     if setting == "false":
         return False
-    hooked_inside = zero_stage == 3 and not zero3_leaf_layers
-    if hooked_inside and setting == "true":
+    if setting == "auto":
+        return on_gpu and zero_stage != 3
+    if zero_stage == 3 and not zero3_leaf_layers:
         raise ConfigError("--compile_layers true under ZeRO-3 needs --zero3_leaf_layers true (ZeRO-3 would otherwise hook "
                           "every projection inside the compiled layer); expected --zero3_leaf_layers true or "
                           "--compile_layers false")
-    return not hooked_inside and (on_gpu or setting == "true")
+    return True
 
 
 def compile_decoder_layers(model: nn.Module, backend=None) -> str:

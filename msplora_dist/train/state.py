@@ -143,9 +143,11 @@ def check_resume_compatible(directory: Path, adapter_config, hf_config: dict, ru
     for key, flag in (("zero_stage", "ZeRO stage (--ds_config)"), ("dtype", "--dtype")):
         if state.get(key) is not None and state[key] != run[key]:
             hint = ""
-            if key == "zero_stage" and {state[key], run[key]} == {2, 3}:
-                hint = (" (a ZeRO-3 config runs stage 2 on one rank; --single_rank_zero3 keep runs stage 3 there, for a run "
-                        "that continues on several ranks, or resume this one on one rank)")
+            if key == "zero_stage" and (state[key], run[key]) == (3, 2):
+                hint = " (a ZeRO-3 config runs stage 2 on one rank: --single_rank_zero3 keep runs stage 3 there)"
+            elif key == "zero_stage" and (state[key], run[key]) == (2, 3):
+                hint = (" (on one rank a ZeRO-3 config runs stage 2: resume with --ds_config ds_configs/zero2.json, which "
+                        "continues it on any number of ranks; --single_rank_zero3 keep makes a one-rank run write stage 3)")
             raise CheckpointError(f"--resume {str(directory)!r} was trained with {key}={state[key]!r}; this run has "
                                   f"{key}={run[key]!r}. Resume with the same {flag}{hint}")
     return int(state["world_size"])

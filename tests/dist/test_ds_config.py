@@ -150,8 +150,16 @@ def test_a_zero3_config_on_one_rank_runs_stage_2_unless_kept_or_offloading_param
     assert one["zero_optimization"] == {"stage": 2, "overlap_comm": True, "contiguous_gradients": True,
                                         "reduce_bucket_size": 10_000_000}
     assert demoted_zero3(shipped, one) and not demoted_zero3(read_ds_config(REPO / "ds_configs" / "zero2.json"), one)
+    # A bare ZeRO-3 section keeps ZeRO-3's memory as stage 2: overlap_comm on (DeepSpeed's stage-3 default only) and the
+    # one-rank bucket (stage 3's default is one 5e8 bucket, stage 2's two).
+    assert resolve({"zero_optimization": {"stage": 3}})["zero_optimization"] == {
+        "stage": 2, "overlap_comm": True, "reduce_bucket_size": 10_000_000}
+    assert resolve({"zero_optimization": {"stage": 3, "overlap_comm": False}})["zero_optimization"]["overlap_comm"] is False
+    # Stage 3 stays: asked to, several ranks, parameters offloaded, or an optimizer offload only stage 3 has.
     for kept in (resolve(shipped, single_rank_zero3="keep"), resolve(shipped, world_size=2, micro_batch_size=1),
-                 resolve(read_ds_config(REPO / "ds_configs" / "zero3_offload.json"))):
+                 resolve(read_ds_config(REPO / "ds_configs" / "zero3_offload.json")),
+                 resolve({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu", "ratio": 0.5}}}),
+                 resolve({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "nvme", "nvme_path": str(REPO)}}})):
         assert kept["zero_optimization"]["stage"] == 3 and not demoted_zero3(shipped, kept)
     with pytest.raises(ConfigError, match="single_rank_zero3='stage2': expected one of as_zero2, keep"):
         resolve(shipped, single_rank_zero3="stage2")

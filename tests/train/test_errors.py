@@ -185,7 +185,7 @@ def fake_checkpoint(output_dir, ranks=(8, 4, 2), targets=("q_proj", "v_proj"), h
     ({"config": {"seed": 7}}, "trained with seed=7; this run has seed=0"),
     ({"num_train_examples": 12}, "trained on 12 examples; this run's data gives"),
     ({"zero_stage": 3}, "trained with zero_stage=3; this run has zero_stage=2. Resume with the same ZeRO stage (--ds_config) "
-                        "(a ZeRO-3 config runs stage 2 on one rank; --single_rank_zero3 keep runs stage 3 there"),
+                        "(a ZeRO-3 config runs stage 2 on one rank: --single_rank_zero3 keep runs stage 3 there)"),
     ({"dtype": "bf16"}, "trained with dtype='bf16'; this run has dtype='fp32'. Resume with the same --dtype"),
 ])
 def test_resume_from_a_checkpoint_of_another_layout_model_batch_or_data(capsys, tmp_path, kwargs, fragment):
@@ -226,3 +226,15 @@ def test_an_attention_backend_whose_package_is_missing_is_refused_before_loading
         pytest.skip("flash-attn is installed here")
     assert_refused(*run_main(capsys, tmp_path, "--attn_implementation", "flash_attention_2"),
                    "attn_implementation='flash_attention_2' needs the flash_attn package")
+
+
+def test_expandable_segments_are_the_default_unless_any_allocator_variable_is_set():
+    from msplora_dist.cli.train import ALLOC_CONF_VARIABLES, default_allocator_conf
+
+    env = {}
+    default_allocator_conf(env)
+    assert env == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    for name in ALLOC_CONF_VARIABLES:  # the user's own setting, under any of PyTorch's names, is left alone
+        env = {name: "max_split_size_mb:256"}
+        default_allocator_conf(env)
+        assert env == {name: "max_split_size_mb:256"}

@@ -59,10 +59,11 @@ def test_the_loss_from_labels_is_the_trainers_token_loss_sum(make_model, randomi
     assert ours.item() > 5 * (ours.item() / int((labels[:, 1:] != IGNORE_INDEX).sum()))
 
 
-def test_compile_auto_is_on_with_a_gpu_and_zero3_needs_leaf_layers():
+def test_compile_auto_is_on_with_a_gpu_below_stage_3_and_zero3_needs_leaf_layers():
     assert resolve_compile("auto", on_gpu=True, zero_stage=2, zero3_leaf_layers=False) is True
     assert resolve_compile("auto", on_gpu=False, zero_stage=2, zero3_leaf_layers=True) is False
     assert resolve_compile("auto", on_gpu=True, zero_stage=3, zero3_leaf_layers=False) is False
+    assert resolve_compile("auto", on_gpu=True, zero_stage=3, zero3_leaf_layers=True) is False  # not measured on GPUs
     assert resolve_compile("true", on_gpu=False, zero_stage=3, zero3_leaf_layers=True) is True
     assert resolve_compile("false", on_gpu=True, zero_stage=2, zero3_leaf_layers=True) is False
     with pytest.raises(ConfigError, match="--compile_layers true under ZeRO-3 needs --zero3_leaf_layers true"):

@@ -30,8 +30,9 @@ Variants (r = LoRA rank; "all" = q,k,v,o,gate,up,down). All but ds-* run in this
   ds-zero2        msplora as a training run: msplora_dist.train.trainer.Trainer with ds_configs/zero2.json, the shape's
                   random model saved to a directory under --workdir and loaded 4-bit by the Trainer, packed text rows
                   of seq tokens; one GPU, in a child process of its own
-  ds-zero3        the same with ds_configs/zero3.json (the backbone "partitioned" over one rank: every module's
-                  weights are gathered before its forward, its recomputation and its backward)
+  ds-zero3        the same with ds_configs/zero3.json, kept at stage 3 (--single_rank_zero3 keep: the backbone
+                  "partitioned" over one rank, every module's weights gathered before its forward, its recomputation
+                  and its backward); the ds-* rows run eager layers (compile_layers false), as they were measured
   ds-zero1        ds_configs/zero2.json with stage 1 (not in the default list)
   ds-zero2-nooverlap  ds_configs/zero2.json with overlap_comm false (not in the default list)
 

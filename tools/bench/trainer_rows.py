@@ -93,7 +93,8 @@ def train_config(shape_name: str, variant: str, steps: int, model_dir: Path, dat
                        micro_batch_size=shape["batch"], grad_accum=1, max_seq_len=shape["seq"], packing=True,
                        load_in_4bit=True, gradient_checkpointing=True, attn_implementation="sdpa",
                        ranks=MATCHED_RANKS[shape_name], alphas=(16.0,) * 3, num_mid_groups=3, target_modules=ALL_TARGETS,
-                       dropout=(0.0,) * 3)
+                       dropout=(0.0,) * 3, compile_layers="false",
+                       single_rank_zero3="keep")  # what the ds-* rows measured: eager layers, a ZeRO-3 row at stage 3
 
 
 # --- the child: one row ------------------------------------------------------------------------------------------

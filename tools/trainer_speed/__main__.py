@@ -21,7 +21,7 @@ SMOKE = dict(model=str(REPO / "msplora_dist" / "assets" / "tiny_llama"), batch=2
              ranks="msp_all_eq_lora16")
 
 
-DEFAULT_ROWS, DEFAULT_ANCHORS = "zero3-liger,zero2-liger", "unsloth,peft-tuned"
+DEFAULT_ROWS, DEFAULT_ANCHORS = "zero3-liger-compile,zero3-liger", "unsloth,peft-tuned"  # the main command, and eager
 
 
 def build_parser() -> argparse.ArgumentParser:

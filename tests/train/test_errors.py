@@ -238,3 +238,12 @@ def test_expandable_segments_are_the_default_unless_any_allocator_variable_is_se
         env = {name: "max_split_size_mb:256"}
         default_allocator_conf(env)
         assert env == {name: "max_split_size_mb:256"}
+
+
+def test_a_stage_2_checkpoint_resumed_at_stage_3_names_zero2_json(capsys, tmp_path):
+    # One GPU wrote it with zero3.json (stage 2 there); a run that keeps stage 3 cannot read stage 2's optimizer files.
+    fake_checkpoint(tmp_path / "out", zero_stage=2)
+    code, err, _ = run_main(capsys, tmp_path, "--resume", "latest", "--ranks", "8,4,2", "--num_mid_groups", "2",
+                            "--target_modules", "q_proj,v_proj", "--single_rank_zero3", "keep")
+    assert code == 2 and len(err) == 1, err
+    assert "trained with zero_stage=2; this run has zero_stage=3" in err[0] and "--ds_config ds_configs/zero2.json" in err[0]

@@ -68,14 +68,18 @@ shape; its speed was not measured on its own): the adapters' gradients of a 7B m
 copies a step instead of one."""
 
 
+def check_single_rank_zero3(value: str) -> None:
+    if value not in SINGLE_RANK_ZERO3_CHOICES:
+        raise ConfigError(f"single_rank_zero3={value!r}: expected one of {', '.join(SINGLE_RANK_ZERO3_CHOICES)}")
+
+
 def resolve_ds_config(raw: dict, *, micro_batch_size: int, grad_accum: int, world_size: int, lr: float,
                       weight_decay: float, max_grad_norm: float, dtype: str, load_universal: bool = False,
                       single_rank_zero3: str = "as_zero2") -> dict:
     """A complete DeepSpeed config for this run. dtype is the resolved 'bf16' or 'fp32'. load_universal:
-    the run resumes a checkpoint written by another number of ranks or ZeRO stage (train.state.load_checkpoint).
+    the run resumes a checkpoint written by another number of ranks (train.state.load_checkpoint).
     single_rank_zero3: one of SINGLE_RANK_ZERO3_CHOICES."""
-    if single_rank_zero3 not in SINGLE_RANK_ZERO3_CHOICES:
-        raise ConfigError(f"single_rank_zero3={single_rank_zero3!r}: expected one of {', '.join(SINGLE_RANK_ZERO3_CHOICES)}")
+    check_single_rank_zero3(single_rank_zero3)
     ds = copy.deepcopy(raw)
     if load_universal:
         ds.setdefault("checkpoint", {})["load_universal"] = True
@@ -208,7 +212,7 @@ def single_rank_zero3_note(ds: dict, demoted: bool = False) -> str:
     """The log line for a ZeRO-3 config on one rank: what the resolved config does there, and why."""
     if demoted:
         return ("note: ZeRO-3 on one rank partitions nothing (a gather is a view of the one whole shard), so this run uses "
-                "DeepSpeed's stage 2: the same arithmetic and memory without ZeRO-3's per-module hooks "
+                "DeepSpeed's stage 2: the same arithmetic, in no more memory, without ZeRO-3's per-module hooks "
                 "(--single_rank_zero3 keep runs stage 3; with several ranks, or offload_param, ZeRO-3 runs as configured)")
     zero = ds["zero_optimization"]
     if _offloads_parameters(zero):

@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from msplora_dist.adapters.config import ALL_LINEAR_TARGETS, MSPLoRAConfig
-from msplora_dist.dist.ds_config import SINGLE_RANK_ZERO3_CHOICES
+from msplora_dist.dist.ds_config import check_single_rank_zero3
 from msplora_dist.errors import ConfigError
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -124,7 +124,7 @@ class TrainConfig:
     """DeepSpeed JSON config; its "auto" values are filled from this config (see ds_config.py)."""
     single_rank_zero3: str = grouped("run", "as_zero2")
     """A ZeRO-3 config on one rank with its parameters on the GPU, where ZeRO-3 partitions nothing: as_zero2 = run
-    DeepSpeed's stage 2 (the same arithmetic and memory, without ZeRO-3's per-module hooks: 4% of the step at the 7B
+    DeepSpeed's stage 2 (the same arithmetic in no more memory, without ZeRO-3's per-module hooks: 4% of the step at the 7B
     shape once settled, docs/benchmarks.md); keep = run stage 3, for a run whose checkpoints are to be resumed on several
     ranks under ZeRO-3 (DeepSpeed's universal format does not carry stage 2's optimizer state to stage 3). Several
     ranks, or offload_param: ZeRO-3 as configured."""
@@ -282,8 +282,7 @@ class TrainConfig:
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS and "/" not in self.attn_implementation:  # "/": a hub kernel
             raise ConfigError(f"attn_implementation={self.attn_implementation!r}: expected one of "
                               f"{', '.join(a for a in ATTN_IMPLEMENTATIONS if a)} (or unset for transformers' default)")
-        if self.single_rank_zero3 not in SINGLE_RANK_ZERO3_CHOICES:
-            raise ConfigError(f"single_rank_zero3={self.single_rank_zero3!r}: expected one of {', '.join(SINGLE_RANK_ZERO3_CHOICES)}")
+        check_single_rank_zero3(self.single_rank_zero3)
         for name in ("liger", "compile_layers"):
             if getattr(self, name) not in AUTO_TRUE_FALSE:
                 raise ConfigError(f"{name}={getattr(self, name)!r}: expected one of {', '.join(AUTO_TRUE_FALSE)}")
